@@ -1,0 +1,132 @@
+"""Check every answer before anything is written.
+
+On the first bad answer this prints one line naming the question, the value
+and the rule, and exits 1; cookiecutter then removes the half-made folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import keyword
+import re
+import sys
+from pathlib import Path
+
+RENDERED_CONTEXT = r"""{{ cookiecutter | tojson }}"""
+
+SLUG = re.compile(r"^[a-z](?:[a-z0-9]|-(?=[a-z0-9]))*$")
+IDENTIFIER = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
+API_VERSION = re.compile(r"^v[1-9][0-9]*$")
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
+CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+#: Names the generated service already uses for its URLs, modules or tables.
+RESERVED_RESOURCE_NAMES = frozenset(
+    {
+        "alembic_version", "api", "app", "common_utils", "config", "db", "docs",
+        "error", "errors", "extensions", "health", "main", "metric", "metrics",
+        "migrate", "migration", "migrations", "model", "models", "openapi",
+        "outbox", "outbox_event", "processed_message", "ready", "route", "routes",
+        "schema", "schemas", "test", "tests", "version", "versions",
+    }
+)  # fmt: skip
+
+
+class BadAnswer(Exception):
+    def __init__(self, question: str, value, rule: str):
+        super().__init__(f"{question} = {value!r}: {rule}")
+
+
+def load_feature_table(context: dict):
+    """Import the post-generation hook's FEATURES table (the single source)."""
+    path = Path(context["_repo_dir"]) / "hooks" / "post_gen_project.py"
+    spec = importlib.util.spec_from_file_location("feature_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_text(context: dict, question: str, max_length: int, required: bool = True) -> None:
+    value = context[question]
+    if required and not value.strip():
+        raise BadAnswer(question, value, "must not be empty")
+    if len(value) > max_length:
+        raise BadAnswer(question, value, f"must be at most {max_length} characters")
+    if CONTROL.search(value):
+        raise BadAnswer(question, value, "must be one line without control characters")
+
+
+def check_identifier(context: dict, question: str) -> None:
+    value = context[question]
+    if not IDENTIFIER.match(value) or len(value) > 40:
+        raise BadAnswer(
+            question,
+            value,
+            "must be a snake_case name: lowercase letters, digits and single "
+            "underscores, starting with a letter, at most 40 characters",
+        )
+    if keyword.iskeyword(value) or keyword.issoftkeyword(value):
+        raise BadAnswer(question, value, "must not be a Python keyword")
+    if value in RESERVED_RESOURCE_NAMES:
+        raise BadAnswer(question, value, "is a name the generated service already uses")
+
+
+def validate(context: dict, table) -> None:
+    check_text(context, "service_name", 80)
+    slug = context["service_slug"]
+    if not SLUG.match(slug) or len(slug) > 63:
+        raise BadAnswer(
+            "service_slug",
+            slug,
+            "must be a DNS label: lowercase letters, digits and single hyphens, "
+            "starting with a letter, not ending with a hyphen, at most 63 characters",
+        )
+    if slug in table.COMPOSE_SERVICES or slug == "migrate":
+        raise BadAnswer("service_slug", slug, "is the name of a docker-compose service")
+    check_text(context, "description", 200, required=False)
+    check_text(context, "author_name", 100)
+    email = context["author_email"]
+    if not EMAIL.match(email) or len(email) > 254 or CONTROL.search(email):
+        raise BadAnswer("author_email", email, "must look like name@example.com")
+
+    check_identifier(context, "resource_name")
+    check_identifier(context, "resource_plural")
+    if context["resource_plural"] == context["resource_name"]:
+        raise BadAnswer(
+            "resource_plural", context["resource_plural"], "must differ from resource_name"
+        )
+
+    port_text = str(context["service_port"]).strip()
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise BadAnswer("service_port", context["service_port"], "must be an integer from 1 to 65535")
+    port = int(port_text)
+    for feature in table.enabled_features(context):
+        for service in feature.compose_services:
+            published = [
+                int(mapping.split(":")[0]) for mapping in table.COMPOSE_SERVICES[service].get("ports", [])
+            ]
+            if port in published:
+                raise BadAnswer(
+                    "service_port",
+                    context["service_port"],
+                    f"is already published by the {service} service of the {feature.name} feature",
+                )
+
+    if not API_VERSION.match(context["api_version"]):
+        raise BadAnswer("api_version", context["api_version"], "must be 'v' followed by a positive integer, like v1")
+
+
+def main() -> int:
+    context = json.loads(RENDERED_CONTEXT)
+    try:
+        validate(context, load_feature_table(context))
+    except BadAnswer as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+{%- if not cookiecutter.use_api_versioning %}
+from flask_smorest import Blueprint
+{%- endif %}
+from sqlalchemy import text
+
+from app import errors, request_logging
+{%- if not cookiecutter.use_api_versioning %}
+from app.api import register_{{ cookiecutter.resource_name }}_routes
+{%- endif %}
+from app.extensions import (
+    ServiceApi,
+    db,
+{%- if cookiecutter.use_metrics %}
+    metrics,
+{%- endif %}
+    migrate,
+{%- if cookiecutter.use_api_versioning %}
+    versioned_api,
+{%- endif %}
+)
+from app.routes import health
+{%- if cookiecutter.use_api_versioning %}
+from app.routes_versioned import create_api_blueprint
+{%- endif %}
+from common_utils.health import add_readiness_check
+from config import Config
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the service. `config` overrides settings read from the environment."""
+    app = Flask(__name__)
+    app.config.from_object(Config())
+    app.config.update(config or {})
+    app.json.sort_keys = False
+
+    request_logging.init_app(app)
+    ensure_sqlite_folder(app.config["SQLALCHEMY_DATABASE_URI"])
+    db.init_app(app)
+    migrate.init_app(app, db)
+    api = ServiceApi(app, spec_kwargs={"version": app.config["SERVICE_VERSION"]})
+    errors.init_app(app)  # after flask-smorest, whose own error handler it replaces
+
+    app.register_blueprint(health)
+    add_readiness_check(app, "database", check_database)
+{%- if cookiecutter.use_api_versioning %}
+
+    versioned_api.init_app(app, api)
+    version = app.config["API_VERSION"]
+    versioned_api.register_version(version, create_api_blueprint(version), app=app)
+{%- else %}
+
+    api_blueprint = Blueprint("api", __name__, url_prefix="/api", description="The service's API")
+    register_{{ cookiecutter.resource_name }}_routes(api_blueprint)
+    api.register_blueprint(api_blueprint)
+{%- endif %}
+{%- if cookiecutter.use_metrics %}
+
+    metrics.init_app(app)  # last: it instruments the routes registered above
+{%- endif %}
+    return app
+
+
+def check_database() -> dict:
+    db.session.execute(text("SELECT 1"))
+    return {"dialect": db.engine.dialect.name}
+
+
+def ensure_sqlite_folder(url: str) -> None:
+    """Create the folder of a SQLite file so `make run` works on a fresh checkout."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and url != "sqlite:///:memory:":
+        Path(url[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,149 @@
+"""The {{ cookiecutter.resource_plural.replace('_', ' ') }} API: list, create, read, update and delete.
+
+The views are attached to whichever blueprint serves the API, so the same
+code can be mounted once per API version. flask-smorest validates every
+request body and query string with the schemas and builds the OpenAPI
+document from these decorators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from math import ceil
+
+from flask import request, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint, abort
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from app.extensions import db
+from app.models import {{ cookiecutter.__resource_class }}
+from app.schemas import (
+    {{ cookiecutter.__resource_class }}PageSchema,
+    {{ cookiecutter.__resource_class }}Schema,
+    {{ cookiecutter.__resource_class }}UpdateSchema,
+    PaginationQuerySchema,
+)
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Ids are 32-bit on every database; a bigger one can only be unknown.
+ID_RULE = "<int(max=2147483647):item_id>"
+
+
+def require_json_body() -> None:
+    """Refuse a write whose body is not declared as JSON (415, not a confusing 422)."""
+    if request.method in BODY_METHODS and not request.is_json:
+        abort(
+            415,
+            message="Send the request body as JSON (Content-Type: application/json).",
+            details={"content_type": request.content_type or ""},
+        )
+
+
+def get_or_404(item_id: int) -> {{ cookiecutter.__resource_class }}:
+    item = db.session.get({{ cookiecutter.__resource_class }}, item_id)
+    if item is None:
+        abort(
+            404,
+            message=f"{{ cookiecutter.__resource_class }} {item_id} does not exist.",
+            details={"id": item_id},
+        )
+    return item
+
+
+def commit_or_409() -> None:
+    """Commit, turning a unique-name clash into a 409 instead of a 500."""
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        abort(
+            409,
+            message="Another {{ cookiecutter.resource_name.replace('_', ' ') }} already has this name.",
+            details={"name": ["must be unique"]},
+        )
+
+
+def register_{{ cookiecutter.resource_name }}_routes(
+    blueprint: Blueprint, view_decorators: Iterable[Callable] = ()
+) -> None:
+    """Attach the {{ cookiecutter.resource_plural.replace('_', ' ') }} endpoints to `blueprint`.
+
+    `view_decorators` wrap every view, for example to mark them as served by
+    the latest API version.
+    """
+    blueprint.before_request(require_json_body)
+
+    @blueprint.route("/{{ cookiecutter.resource_plural.replace('_', '-') }}")
+    class {{ cookiecutter.__resource_class }}Collection(MethodView):
+        decorators = list(view_decorators)
+
+        @blueprint.arguments(PaginationQuerySchema, location="query")
+        @blueprint.response(200, {{ cookiecutter.__resource_class }}PageSchema)
+        def get(self, pagination):
+            """List {{ cookiecutter.resource_plural.replace('_', ' ') }}, newest first."""
+            page, page_size = pagination["page"], pagination["page_size"]
+            total = db.session.scalar(select(func.count()).select_from({{ cookiecutter.__resource_class }}))
+            items = db.session.scalars(
+                select({{ cookiecutter.__resource_class }})
+                .order_by({{ cookiecutter.__resource_class }}.id.desc())
+                .limit(page_size)
+                .offset((page - 1) * page_size)
+            ).all()
+            return {
+                "items": items,
+                "page": page,
+                "page_size": page_size,
+                "total": total,
+                "pages": ceil(total / page_size),
+            }
+
+        @blueprint.arguments({{ cookiecutter.__resource_class }}Schema)
+        @blueprint.response(201, {{ cookiecutter.__resource_class }}Schema)
+        @blueprint.alt_response(409, description="The name is already used.")
+        def post(self, data):
+            """Create a {{ cookiecutter.resource_name.replace('_', ' ') }}."""
+            item = {{ cookiecutter.__resource_class }}(**data)
+            db.session.add(item)
+            commit_or_409()
+            location = url_for(f"{request.blueprint}.{{ cookiecutter.__resource_class }}Item", item_id=item.id)
+            return item, 201, {"Location": location}
+
+    @blueprint.route(f"/{{ cookiecutter.resource_plural.replace('_', '-') }}/{ID_RULE}")
+    class {{ cookiecutter.__resource_class }}Item(MethodView):
+        decorators = list(view_decorators)
+
+        @blueprint.response(200, {{ cookiecutter.__resource_class }}Schema)
+        def get(self, item_id):
+            """Get one {{ cookiecutter.resource_name.replace('_', ' ') }}."""
+            return get_or_404(item_id)
+
+        @blueprint.arguments({{ cookiecutter.__resource_class }}Schema)
+        @blueprint.response(200, {{ cookiecutter.__resource_class }}Schema)
+        @blueprint.alt_response(409, description="The name is already used.")
+        def put(self, data, item_id):
+            """Replace a {{ cookiecutter.resource_name.replace('_', ' ') }}; omitted optional fields are reset."""
+            item = get_or_404(item_id)
+            data.setdefault("description", None)
+            for field, value in data.items():
+                setattr(item, field, value)
+            commit_or_409()
+            return item
+
+        @blueprint.arguments({{ cookiecutter.__resource_class }}UpdateSchema)
+        @blueprint.response(200, {{ cookiecutter.__resource_class }}Schema)
+        @blueprint.alt_response(409, description="The name is already used.")
+        def patch(self, data, item_id):
+            """Change some fields of a {{ cookiecutter.resource_name.replace('_', ' ') }}."""
+            item = get_or_404(item_id)
+            for field, value in data.items():
+                setattr(item, field, value)
+            commit_or_409()
+            return item
+
+        @blueprint.response(204)
+        def delete(self, item_id):
+            """Delete a {{ cookiecutter.resource_name.replace('_', ' ') }}."""
+            db.session.delete(get_or_404(item_id))
+            db.session.commit()

@@ -1,0 +1,89 @@
+"""Every error leaves the service as JSON: {"error": {"code", "message", "details"}}.
+
+Clients can switch on `code` (stable, snake_case), show `message` to people
+and find field-level problems in `details`. No error is ever an HTML page,
+and bad input is always a 4xx: only a bug in the service gives a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from marshmallow import Schema, ValidationError, fields
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+logger = logging.getLogger(__name__)
+
+ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    410: "gone",
+    412: "precondition_failed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class ErrorSchema(Schema):
+    code = fields.String(required=True, metadata={"example": "validation_error"})
+    message = fields.String(required=True)
+    details = fields.Dict(required=True)
+
+
+class ErrorResponseSchema(Schema):
+    error = fields.Nested(ErrorSchema, required=True)
+
+
+def error_response(status: int, message: str, details: dict | None = None, code: str | None = None):
+    """Build the JSON error body; views call this through `abort`-style helpers."""
+    body = {
+        "error": {
+            "code": code or ERROR_CODES.get(status, "error"),
+            "message": message,
+            "details": details or {},
+        }
+    }
+    return jsonify(body), status
+
+
+def handle_http_exception(error: HTTPException) -> Response:
+    """Turn werkzeug/webargs HTTP errors into the JSON shape, keeping their headers."""
+    data = getattr(error, "data", None) or {}
+    details = data.get("details") or data.get("messages") or {}
+    code = data.get("code")
+    message = data.get("message") or error.description or "Error"
+    cause = getattr(error, "exc", None)
+    if isinstance(cause, ValueError) and not isinstance(cause, ValidationError):
+        # webargs reports a body it could not decode as JSON this way.
+        code, message = "malformed_json", "The request body is not valid JSON."
+    if error.code == 422 and "message" not in data:
+        message = "The request did not pass validation."
+    body, status = error_response(error.code or 500, message, details, code)
+    response = error.get_response()
+    response.set_data(body.get_data())
+    response.content_type = "application/json"
+    response.status_code = status
+    return response
+
+
+def handle_unexpected_error(error: Exception):
+    """A bug: log it with its traceback and answer a generic 500."""
+    if isinstance(error, HTTPException):
+        return handle_http_exception(error)
+    logger.exception("Unhandled error while serving the request")
+    return error_response(500, InternalServerError.description)
+
+
+def init_app(app: Flask) -> None:
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(Exception, handle_unexpected_error)

@@ -1,0 +1,47 @@
+"""The extension instances, created once at import and bound per app in create_app."""
+
+from flask_migrate import Migrate
+from flask_smorest import Api
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import MetaData
+
+from app.errors import ErrorResponseSchema
+{%- if cookiecutter.use_metrics %}
+from common_utils.metrics import Metrics
+{%- endif %}
+{%- if cookiecutter.use_api_versioning %}
+from common_utils.versioning import VersionedAPI
+{%- endif %}
+
+# Deterministic constraint names, so migrations can refer to (and drop) them
+# on every database, and `flask db check` compares like with like.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class ServiceApi(Api):
+    """flask-smorest's Api, documenting errors in this service's JSON shape.
+
+    Unlike the extensions below it is created per app in create_app:
+    flask-smorest keeps the app and its OpenAPI spec on the Api object, so
+    one shared instance would mix up the documents of two apps.
+    """
+
+    ERROR_SCHEMA = ErrorResponseSchema
+
+
+db = SQLAlchemy(metadata=MetaData(naming_convention=NAMING_CONVENTION))
+# render_as_batch lets Alembic alter SQLite tables; compare_type makes
+# `flask db check` see column type changes, not only added/removed columns.
+migrate = Migrate(render_as_batch=True, compare_type=True)
+{%- if cookiecutter.use_metrics %}
+metrics = Metrics()
+{%- endif %}
+{%- if cookiecutter.use_api_versioning %}
+versioned_api = VersionedAPI()
+{%- endif %}

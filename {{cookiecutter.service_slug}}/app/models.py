@@ -1,0 +1,74 @@
+"""The service's example aggregate, {{ cookiecutter.__resource_class }}.
+
+Rename or extend it freely: change the model, then run
+`flask db migrate -m "..."` and review the generated migration.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from sqlalchemy import DateTime, Numeric, String, Text, TypeDecorator
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.extensions import db
+
+STATUSES = ("draft", "active", "archived")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp that is always timezone-aware UTC in Python.
+
+    PostgreSQL keeps the offset; SQLite and MySQL do not, so values are
+    stored as naive UTC there and given their UTC zone back when loaded.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass an aware one")
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class {{ cookiecutter.__resource_class }}(db.Model):
+    __tablename__ = "{{ cookiecutter.resource_plural }}"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(120), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    quantity: Mapped[int] = mapped_column(default=0)
+    unit_price: Mapped[Decimal] = mapped_column(Numeric(10, 2), default=Decimal("0.00"))
+    status: Mapped[str] = mapped_column(String(20), default="draft", index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready snapshot, as the API returns it."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "quantity": self.quantity,
+            "unit_price": str(self.unit_price),
+            "status": self.status,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+    def __repr__(self) -> str:
+        return f"<{{ cookiecutter.__resource_class }} {self.id} {self.name!r}>"

@@ -1,0 +1,81 @@
+"""Structured JSON logs, each line carrying the id of the request it belongs to.
+
+The request id comes from the caller's X-Request-ID header when it looks
+sane (so one id follows a request across services) and is generated
+otherwise; it is echoed back in the response header.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+
+from flask import Flask, g, has_request_context, request
+from pythonjsonlogger.json import JsonFormatter
+
+REQUEST_ID_HEADER = "X-Request-ID"
+VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+access_logger = logging.getLogger("access")
+
+
+class RequestContextFilter(logging.Filter):
+    """Adds the current request id (or null outside a request) to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = g.get("request_id") if has_request_context() else None
+        return True
+
+
+def configure_logging(level: str | int = "INFO") -> None:
+    """Send JSON lines to stdout. Safe to call again: the handler is replaced, not added."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "is_service_handler", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.is_service_handler = True
+    handler.addFilter(RequestContextFilter())
+    handler.setFormatter(
+        JsonFormatter(
+            "{asctime}{levelname}{name}{message}{request_id}",
+            style="{",
+            rename_fields={"asctime": "timestamp", "levelname": "level", "name": "logger"},
+        )
+    )
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def start_request() -> None:
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    g.request_id = incoming if VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    g.request_started = time.perf_counter()
+
+
+def finish_request(response):
+    response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
+    started = g.get("request_started")
+    duration_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
+    access_logger.info(
+        "%s %s %s",
+        request.method,
+        request.path,
+        response.status_code,
+        extra={
+            "method": request.method,
+            "path": request.path,
+            "status": response.status_code,
+            "duration_ms": duration_ms,
+            "remote_addr": request.remote_addr,
+        },
+    )
+    return response
+
+
+def init_app(app: Flask) -> None:
+    configure_logging(app.config["LOG_LEVEL"])
+    app.before_request(start_request)
+    app.after_request(finish_request)

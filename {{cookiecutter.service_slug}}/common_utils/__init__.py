@@ -1,0 +1,1 @@
+"""Reusable building blocks of the service, one Flask extension per feature."""

@@ -1,0 +1,138 @@
+"""Every error is JSON {"error": {"code", "message", "details"}}, and bad input is never a 500."""
+
+import pytest
+from flask import abort
+
+from app.extensions import db
+
+
+def error_of(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.data
+    assert response.content_type == "application/json"
+    body = response.get_json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_malformed_json_is_400(client, collection_url):
+    """A body that is not JSON is a 400 malformed_json."""
+    response = client.post(collection_url, data="{not json", content_type="application/json")
+    error_of(response, 400, "malformed_json")
+
+
+def test_wrong_content_type_is_415(client, collection_url):
+    """A write with a non-JSON content type is a 415 naming the type received."""
+    response = client.post(collection_url, data="name=x", content_type="application/x-www-form-urlencoded")
+    error = error_of(response, 415, "unsupported_media_type")
+    assert error["details"]["content_type"] == "application/x-www-form-urlencoded"
+
+
+def test_missing_body_is_415(client, collection_url):
+    """A write without any body or content type is a 415, not a 500."""
+    error_of(client.post(collection_url), 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"quantity": 1, "unit_price": "1.00"}, "name"),
+        ({"name": "", "quantity": 1, "unit_price": "1.00"}, "name"),
+        ({"name": "x", "quantity": -1, "unit_price": "1.00"}, "quantity"),
+        ({"name": "x", "quantity": "3", "unit_price": "1.00"}, "quantity"),
+        ({"name": "x", "quantity": 1, "unit_price": "NaN"}, "unit_price"),
+        ({"name": "x", "quantity": 1, "unit_price": "1.00", "status": "lost"}, "status"),
+        ({"name": "x", "quantity": 1, "unit_price": "1.00", "surprise": True}, "surprise"),
+    ],
+)
+def test_validation_failure_is_422_with_field_details(client, collection_url, body, field):
+    """Each invalid field is reported under details.json.<field>."""
+    error = error_of(client.post(collection_url, json=body), 422, "validation_error")
+    assert field in error["details"]["json"]
+
+
+def test_json_that_is_not_an_object_is_422(client, collection_url):
+    """A JSON list or string where an object is expected is a validation error."""
+    error_of(client.post(collection_url, json=["a"]), 422, "validation_error")
+
+
+def test_bad_pagination_is_422(client, collection_url):
+    """page_size out of range and non-numeric pages are validation errors."""
+    error_of(client.get(f"{collection_url}?page_size=1000"), 422, "validation_error")
+    error_of(client.get(f"{collection_url}?page=abc"), 422, "validation_error")
+
+
+def test_unknown_id_is_404(client, collection_url):
+    """An id that does not exist is a 404 naming the id."""
+    error = error_of(client.get(f"{collection_url}/424242"), 404, "not_found")
+    assert error["details"] == {"id": 424242}
+
+
+def test_id_beyond_integer_range_is_404(client, collection_url):
+    """An id too big for the database column is a 404, not a database error."""
+    error_of(client.get(f"{collection_url}/99999999999999999999"), 404, "not_found")
+
+
+def test_unknown_url_is_json_404(client):
+    """Any unknown path is a JSON 404, never an HTML page."""
+    error_of(client.get("/no/such/page"), 404, "not_found")
+
+
+def test_method_not_allowed_is_405_with_allow_header(client, collection_url):
+    """A wrong method is a 405 that still lists the allowed methods."""
+    response = client.delete(collection_url)
+    error_of(response, 405, "method_not_allowed")
+    assert {"GET", "POST"} <= set(response.headers["Allow"].split(", "))
+
+
+def test_body_too_large_is_413(client, collection_url, app):
+    """A body over MAX_CONTENT_LENGTH is a 413."""
+    oversized = "x" * (app.config["MAX_CONTENT_LENGTH"] + 1)
+    response = client.post(collection_url, data=oversized, content_type="application/json")
+    error_of(response, 413, "payload_too_large")
+
+
+def test_duplicate_name_is_409(client, collection_url, new_item):
+    """Creating or renaming onto a name in use is a 409 conflict."""
+    assert client.post(collection_url, json=new_item).status_code == 201
+    error = error_of(client.post(collection_url, json=new_item), 409, "conflict")
+    assert "name" in error["details"]
+    other = client.post(collection_url, json={**new_item, "name": "Other"}).get_json()
+    patch = client.patch(f"{collection_url}/{other['id']}", json={"name": new_item["name"]})
+    error_of(patch, 409, "conflict")
+
+
+def test_unexpected_exception_is_json_500_and_logged(make_app, caplog):
+    """A bug gives a generic JSON 500 and its traceback in the log, never an HTML page."""
+    app = make_app()
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("secret detail")
+
+    response = app.test_client().get("/boom")
+    error = error_of(response, 500, "internal_error")
+    assert "secret detail" not in error["message"]
+    assert any(record.exc_info for record in caplog.records)
+
+
+def test_http_errors_raised_by_views_keep_the_shape(make_app):
+    """abort() anywhere in the app gives the same JSON shape."""
+    app = make_app()
+
+    @app.get("/forbidden")
+    def forbidden():
+        abort(403)
+
+    error_of(app.test_client().get("/forbidden"), 403, "forbidden")
+
+
+def test_failed_write_leaves_nothing_behind(client, collection_url, new_item, app):
+    """A rejected request does not leave a half-written row."""
+    client.post(collection_url, json={**new_item, "quantity": -5})
+    with app.app_context():
+        from app.models import {{ cookiecutter.__resource_class }}
+
+        assert db.session.query({{ cookiecutter.__resource_class }}).count() == 0
