@@ -41,6 +41,9 @@ class Feature:
     tables: tuple[str, ...] = ()
     #: One line for the summary printed after generation.
     summary: str = ""
+    #: Answers the feature cannot work with, each with the reason:
+    #: (({question: value, ...}, reason), ...). The pre-generation hook rejects them.
+    incompatible: tuple[tuple[dict, str], ...] = ()
 
     def is_enabled(self, context: dict) -> bool:
         return all(context.get(key) == value for key, value in self.when.items())
@@ -100,6 +103,41 @@ FEATURES: tuple[Feature, ...] = (
         compose_services=("prometheus",),
         summary="Prometheus metrics at /metrics",
     ),
+    Feature(
+        name="circuit_breaker",
+        when={"use_circuit_breaker": True},
+        files=(
+            "common_utils/circuit_breaker.py",
+            "common_utils/http_client.py",
+            "tests/test_circuit_breaker.py",
+            "tests/test_http_client.py",
+        ),
+        summary="Circuit breakers and an HTTP client for calls to other services",
+    ),
+    Feature(
+        name="rate_limiting",
+        when={"use_rate_limiting": True},
+        files=("common_utils/rate_limiting.py", "tests/test_rate_limiting.py"),
+        compose_services=("redis",),
+        environment={"RATELIMIT_STORAGE_URI": "redis://redis:6379/0"},
+        summary="Rate limiting per client (Redis-backed in docker compose)",
+    ),
+    Feature(
+        name="kubernetes",
+        when={"use_kubernetes": True},
+        files=(
+            "deploy/kubernetes",
+            "common_utils/migration_wait.py",
+            "tests/test_migration_wait.py",
+        ),
+        incompatible=(
+            (
+                {"database": "sqlite"},
+                "several replicas cannot share one SQLite file; choose postgresql or mysql",
+            ),
+        ),
+        summary="Kubernetes manifests: kubectl apply -k deploy/kubernetes/overlays/prod",
+    ),
 )
 
 
@@ -136,6 +174,17 @@ COMPOSE_SERVICES: dict[str, dict] = {
             "interval": "5s",
             "timeout": "3s",
             "retries": 20,
+        },
+    },
+    "redis": {
+        "image": "redis:7.4.2-alpine",
+        # Rate-limit counters only: nothing worth persisting across restarts.
+        "command": ["redis-server", "--save", "", "--appendonly", "no"],
+        "healthcheck": {
+            "test": ["CMD", "redis-cli", "ping"],
+            "interval": "5s",
+            "timeout": "3s",
+            "retries": 10,
         },
     },
     "prometheus": {
@@ -210,6 +259,16 @@ def enabled_features(context: dict) -> list[Feature]:
     return [feature for feature in FEATURES if feature.is_enabled(context)]
 
 
+def incompatible_answers(context: dict) -> list[tuple[Feature, dict, str]]:
+    """(feature, answers, reason) for each enabled feature's incompatibility these answers hit."""
+    return [
+        (feature, answers, reason)
+        for feature in enabled_features(context)
+        for answers, reason in feature.incompatible
+        if all(context.get(key) == value for key, value in answers.items())
+    ]
+
+
 def format_values(context: dict) -> dict:
     """The answers that may be formatted into generated code and compose files.
 
@@ -246,6 +305,11 @@ def remove_path(project: Path, relative: str) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+    # A folder left empty (deploy/ once deploy/kubernetes is gone) goes too.
+    for parent in path.parents:
+        if parent == project or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def remove_disabled_feature_files(project: Path, context: dict) -> None:

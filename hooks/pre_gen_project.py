@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import keyword
+import os
 import re
 import sys
 from pathlib import Path
@@ -40,7 +41,14 @@ class BadAnswer(Exception):
 
 def load_feature_table(context: dict):
     """Import the post-generation hook's FEATURES table (the single source)."""
-    path = Path(context["_repo_dir"]) / "hooks" / "post_gen_project.py"
+    # cookiecutter runs this hook from the new project's folder, so a relative
+    # template path (`cookiecutter .`) is relative to where it was started.
+    repo_dir = Path(context["_repo_dir"])
+    if not repo_dir.is_absolute():
+        repo_dir = Path(os.environ.get("PWD", os.getcwd())) / repo_dir
+    path = repo_dir / "hooks" / "post_gen_project.py"
+    if not path.exists():
+        raise BadAnswer("_repo_dir", context["_repo_dir"], "the template folder was not found; pass its absolute path")
     spec = importlib.util.spec_from_file_location("feature_table", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
@@ -98,7 +106,7 @@ def validate(context: dict, table) -> None:
             "resource_plural", context["resource_plural"], "must differ from resource_name"
         )
 
-    port_text = str(context["service_port"]).strip()
+    port_text = str(context["service_port"])
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise BadAnswer("service_port", context["service_port"], "must be an integer from 1 to 65535")
     port = int(port_text)
@@ -116,6 +124,13 @@ def validate(context: dict, table) -> None:
 
     if not API_VERSION.match(context["api_version"]):
         raise BadAnswer("api_version", context["api_version"], "must be 'v' followed by a positive integer, like v1")
+
+    # Combinations a feature cannot work with, from the feature table.
+    for feature, answers, reason in table.incompatible_answers(context):
+        (question, value), *others = answers.items()
+        chosen = {**dict(others), **feature.when}
+        with_text = " and ".join(f"{key} = {json.dumps(item)}" for key, item in chosen.items())
+        raise BadAnswer(question, value, f"cannot be combined with {with_text}: {reason}")
 
 
 def main() -> int:

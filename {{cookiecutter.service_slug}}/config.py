@@ -8,7 +8,9 @@ first. A malformed value stops start-up with a message naming the variable.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from environs import Env
 
@@ -31,6 +33,44 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
+#: SECRET_KEY when nothing sets it: good enough on a laptop, refused in production.
+LOCAL_ONLY_SECRET_KEY = "insecure-local-only"
+#: Credentials that only belong on a laptop: the defaults here and in
+#: docker-compose.yml, and the placeholders of .env.example.
+PLACEHOLDER_SECRETS = frozenset({LOCAL_ONLY_SECRET_KEY, "change-me", "app", "guest", "root"})
+
+
+def url_password(value: str) -> str | None:
+    """The password inside a URL credential (postgresql://user:password@host/db), if any."""
+    if "://" not in value:
+        return None
+    try:
+        return urlsplit(value).password
+    except ValueError:  # not a URL after all
+        return None
+
+
+class InsecureConfigError(ValueError):
+    """A credential is missing, unreadable or a local-only default where it must not be."""
+
+
+def read_secret(env: Env, name: str, default: str = "") -> str:
+    """A credential from the variable `name`, or from the file that `<name>_FILE` names.
+
+    The file form is how Docker and Kubernetes secrets arrive; its trailing
+    newline is dropped. Setting both is refused rather than guessing which wins.
+    """
+    path = env.str(f"{name}_FILE", "")
+    if not path:
+        return env.str(name, default)
+    if os.environ.get(name):
+        raise InsecureConfigError(f"{name} and {name}_FILE are both set; set only one of them")
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise InsecureConfigError(f"{name}_FILE: cannot read {path}: {error.strerror}") from error
+
+
 class Config:
     """Settings for one app instance; attributes are Flask config keys."""
 
@@ -44,12 +84,21 @@ class Config:
         self.SERVICE_VERSION = env.str("SERVICE_VERSION", "0.1.0")
         self.SERVICE_PORT = env.int("SERVICE_PORT", {{ cookiecutter.service_port }})
         self.LOG_LEVEL = env.log_level("LOG_LEVEL", "INFO")
+        # Every credential goes through self.secret(): it may come from a
+        # <NAME>_FILE, and production refuses it missing or left at a default.
+        self.secrets: dict[str, str] = {}
+        self.SECRET_KEY = self.secret(env, "SECRET_KEY", LOCAL_ONLY_SECRET_KEY)
 
         self.SQLALCHEMY_DATABASE_URI = normalise_database_url(
-            env.str("DATABASE_URL", DEFAULT_DATABASE_URL)
+            self.secret(env, "DATABASE_URL", DEFAULT_DATABASE_URL)
         )
         self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
         self.MAX_CONTENT_LENGTH = env.int("MAX_CONTENT_LENGTH", 1024 * 1024)
+        # How many reverse proxies in front of the service append to
+        # X-Forwarded-For; 0 trusts the header not at all.
+        self.TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", 0)
+        # Browser origins allowed to call the API; empty turns CORS off.
+        self.CORS_ORIGINS = env.list("CORS_ORIGINS", [])
 {%- if cookiecutter.use_api_versioning %}
 
         self.API_VERSION = env.str("API_VERSION", {{ cookiecutter.api_version | py_string }})
@@ -60,6 +109,29 @@ class Config:
 
         self.METRICS_ENABLED = env.bool("METRICS_ENABLED", True)
 {%- endif %}
+{%- if cookiecutter.use_circuit_breaker %}
+
+        self.CIRCUIT_BREAKER_ENABLED = env.bool("CIRCUIT_BREAKER_ENABLED", True)
+        self.CIRCUIT_BREAKER_FAILURE_THRESHOLD = env.int("CIRCUIT_BREAKER_FAILURE_THRESHOLD", 5)
+        self.CIRCUIT_BREAKER_RECOVERY_TIMEOUT = env.float("CIRCUIT_BREAKER_RECOVERY_TIMEOUT", 30.0)
+        self.CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS = env.int("CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS", 1)
+        # Other services this one calls: name=base URL (used when the
+        # service registry is off or does not know the name).
+        self.DOWNSTREAM_SERVICES = env.dict("DOWNSTREAM_SERVICES", {})
+        self.HTTP_CLIENT_CONNECT_TIMEOUT = env.float("HTTP_CLIENT_CONNECT_TIMEOUT", 2.0)
+        self.HTTP_CLIENT_READ_TIMEOUT = env.float("HTTP_CLIENT_READ_TIMEOUT", 5.0)
+        self.HTTP_CLIENT_RETRIES = env.int("HTTP_CLIENT_RETRIES", 2)
+        self.HTTP_CLIENT_BACKOFF = env.float("HTTP_CLIENT_BACKOFF", 0.2)
+{%- endif %}
+{%- if cookiecutter.use_rate_limiting %}
+
+        self.RATELIMIT_ENABLED = env.bool("RATELIMIT_ENABLED", True)
+        self.RATELIMIT_DEFAULT = env.str("RATELIMIT_DEFAULT", "300 per minute")
+        # Creating, changing and deleting cost more than reading: a tighter limit.
+        self.RATELIMIT_WRITE = env.str("RATELIMIT_WRITE", "60 per minute")
+        self.RATELIMIT_STORAGE_URI = self.secret(env, "RATELIMIT_STORAGE_URI", "memory://")
+        self.RATELIMIT_KEY_PREFIX = env.str("RATELIMIT_KEY_PREFIX", self.SERVICE_NAME)
+{%- endif %}
 
         # flask-smorest: the OpenAPI document is generated from the code and
         # served under the API prefix.
@@ -68,3 +140,25 @@ class Config:
         self.OPENAPI_VERSION = "3.0.3"
         self.OPENAPI_URL_PREFIX = "/api"
         self.OPENAPI_JSON_PATH = "openapi.json"
+
+        if self.ENVIRONMENT == "production":
+            self.refuse_local_secrets()
+
+    def secret(self, env: Env, name: str, default: str = "") -> str:
+        """Read a credential (see read_secret) and remember it for the production check."""
+        value = read_secret(env, name, default)
+        self.secrets[name] = value
+        return value
+
+    def refuse_local_secrets(self) -> None:
+        """Stop start-up when SECRET_KEY is missing or any credential is a local-only default."""
+        if self.secrets.get("SECRET_KEY", "") in ("", LOCAL_ONLY_SECRET_KEY):
+            raise InsecureConfigError(
+                "SECRET_KEY is not set: in production set SECRET_KEY or SECRET_KEY_FILE"
+            )
+        for name, value in self.secrets.items():
+            if value in PLACEHOLDER_SECRETS or url_password(value) in PLACEHOLDER_SECRETS:
+                raise InsecureConfigError(
+                    f"{name} is a local-only default or placeholder: in production set "
+                    f"{name} or {name}_FILE to a real secret"
+                )
