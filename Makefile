@@ -26,7 +26,7 @@ test: install  ## the whole test suite: every combination, generated suites on r
 	$(BIN)/pytest -n $(JOBS) --dist loadgroup
 
 lint: install  ## ruff on the template's own Python (rendered projects are linted by the tests)
-	$(BIN)/ruff check .
+	$(BIN)/ruff check hooks tests bench local_extensions.py
 
 bench: install  ## render time against bare cookiecutter, as a ratio
 	$(BIN)/python bench/bench_render.py

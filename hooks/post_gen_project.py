@@ -53,6 +53,12 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         name="core",
         tables=("resource",),
+        # Local-only defaults: with ENVIRONMENT=production the service refuses
+        # to start until SECRET_KEY (or SECRET_KEY_FILE) is a real secret.
+        environment={
+            "ENVIRONMENT": "${ENVIRONMENT:-development}",
+            "SECRET_KEY": "${SECRET_KEY:-insecure-local-only}",
+        },
         summary="CRUD API for the {resource_plural} resource with an OpenAPI document",
     ),
     Feature(
@@ -104,6 +110,35 @@ FEATURES: tuple[Feature, ...] = (
         summary="Prometheus metrics at /metrics",
     ),
     Feature(
+        name="service_registry",
+        when={"use_service_registry": True},
+        files=(
+            "common_utils/service_registry.py",
+            "tests/consul_stand_in.py",
+            "tests/test_service_registry.py",
+            "tests/test_service_registry_process.py",
+        ),
+        compose_services=("consul",),
+        environment={"CONSUL_HOST": "consul", "CONSUL_PORT": "8500"},
+        summary="Consul registration and discovery (UI at http://localhost:8500)",
+    ),
+    Feature(
+        name="tracing",
+        when={"use_tracing": True},
+        files=(
+            "common_utils/tracing.py",
+            "tests/otlp_receiver.py",
+            "tests/test_tracing.py",
+            "tests/test_tracing_wire.py",
+        ),
+        compose_services=("jaeger",),
+        environment={
+            "JAEGER_HOST": "jaeger",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318",
+        },
+        summary="OpenTelemetry tracing over OTLP to Jaeger (UI at http://localhost:16686)",
+    ),
+    Feature(
         name="circuit_breaker",
         when={"use_circuit_breaker": True},
         files=(
@@ -115,12 +150,47 @@ FEATURES: tuple[Feature, ...] = (
         summary="Circuit breakers and an HTTP client for calls to other services",
     ),
     Feature(
+        # Not a feature of its own: the breaker's gauge test needs /metrics too.
+        name="circuit_breaker_metrics",
+        when={"use_circuit_breaker": True, "use_metrics": True},
+        files=("tests/test_circuit_breaker_metrics.py",),
+    ),
+    Feature(
         name="rate_limiting",
         when={"use_rate_limiting": True},
         files=("common_utils/rate_limiting.py", "tests/test_rate_limiting.py"),
         compose_services=("redis",),
         environment={"RATELIMIT_STORAGE_URI": "redis://redis:6379/0"},
         summary="Rate limiting per client (Redis-backed in docker compose)",
+    ),
+    Feature(
+        name="outbox",
+        when={"use_outbox": True},
+        files=(
+            "common_utils/outbox.py",
+            "common_utils/outbox_relay.py",
+            "common_utils/idempotency.py",
+            "app/events.py",
+            "tests/outbox_support.py",
+            "tests/test_outbox.py",
+            "tests/test_outbox_concurrency.py",
+            "tests/test_outbox_crash.py",
+        ),
+        compose_services=("outbox-relay",),
+        # compose runs the relay as its own service, not as a thread in the app.
+        environment={"OUTBOX_RELAY_IN_APP": "false"},
+        tables=("outbox_events", "processed_messages"),
+        summary="Transactional outbox: events written with the data, relayed in order with retries",
+    ),
+    Feature(
+        name="outbox_rabbitmq",
+        when={"use_outbox": True, "outbox_transport": "rabbitmq"},
+        files=("common_utils/outbox_rabbitmq.py", "tests/test_outbox_rabbitmq.py"),
+        compose_services=("rabbitmq",),
+        environment={
+            "AMQP_URL": "amqp://${RABBITMQ_USER:-app}:${RABBITMQ_PASSWORD:-app}@rabbitmq:5672/%2F"
+        },
+        summary="Outbox events published to RabbitMQ with confirms (UI at http://localhost:15672)",
     ),
     Feature(
         name="kubernetes",
@@ -187,6 +257,67 @@ COMPOSE_SERVICES: dict[str, dict] = {
             "retries": 10,
         },
     },
+    "consul": {
+        "image": "hashicorp/consul:1.20.1",
+        # A single development agent (in memory) with the UI; production runs a real cluster.
+        "command": ["agent", "-dev", "-client=0.0.0.0", "-ui"],
+        "ports": ["8500:8500"],
+        "healthcheck": {
+            "test": ["CMD", "consul", "members"],
+            "interval": "5s",
+            "timeout": "3s",
+            "retries": 10,
+        },
+    },
+    "jaeger": {
+        # Jaeger v2 all-in-one: OTLP on 4317 (gRPC) and 4318 (HTTP), UI on 16686, in memory.
+        "image": "jaegertracing/jaeger:2.5.0",
+        "ports": ["16686:16686", "4317:4317", "4318:4318"],
+        "healthcheck": {
+            "test": ["CMD", "wget", "-qO-", "http://localhost:13133/status"],
+            "interval": "5s",
+            "timeout": "3s",
+            "retries": 10,
+        },
+    },
+    "rabbitmq": {
+        "image": "rabbitmq:4.0.5-management-alpine",
+        "environment": {
+            "RABBITMQ_DEFAULT_USER": "${RABBITMQ_USER:-app}",
+            "RABBITMQ_DEFAULT_PASS": "${RABBITMQ_PASSWORD:-app}",
+        },
+        "ports": ["15672:15672"],
+        "volumes": ["rabbitmq-data:/var/lib/rabbitmq"],
+        "healthcheck": {
+            "test": ["CMD", "rabbitmq-diagnostics", "-q", "ping"],
+            "interval": "10s",
+            "timeout": "5s",
+            "retries": 10,
+            "start_period": "20s",
+        },
+    },
+    # Built from the service's own image: compose_document gives it the
+    # service's environment and data volume and the same backing services.
+    "outbox-relay": {
+        "build": ".",
+        "image": "{slug}:latest",
+        "command": ["flask", "outbox", "relay", "--heartbeat-file", "/tmp/outbox-relay.alive"],
+        "depends_on": {"migrate": {"condition": "service_completed_successfully"}},
+        "healthcheck": {
+            "test": [
+                "CMD",
+                "python",
+                "-c",
+                "import os, sys, time; "
+                "sys.exit(time.time() - os.path.getmtime('/tmp/outbox-relay.alive') > 60)",
+            ],
+            "interval": "15s",
+            "timeout": "5s",
+            "retries": 3,
+            "start_period": "30s",
+        },
+        "restart": "unless-stopped",
+    },
     "prometheus": {
         "image": "prom/prometheus:v3.1.0",
         "ports": ["9090:9090"],
@@ -202,7 +333,7 @@ COMPOSE_SERVICES: dict[str, dict] = {
 }
 
 #: Named volumes a compose service keeps its data in.
-COMPOSE_VOLUMES = {"postgres": "postgres-data", "mysql": "mysql-data"}
+COMPOSE_VOLUMES = {"postgres": "postgres-data", "mysql": "mysql-data", "rabbitmq": "rabbitmq-data"}
 
 #: Tables of the initial migration: (upgrade code, downgrade code). Formatted
 #: with the validated resource names only.
@@ -227,6 +358,92 @@ MIGRATION_TABLES: dict[str, tuple[str, str]] = {
         """\
     op.drop_index(op.f("ix_{resource_plural}_status"), table_name="{resource_plural}")
     op.drop_table("{resource_plural}")
+""",
+    ),
+    "outbox_events": (
+        """\
+    from sqlalchemy.dialects import mysql
+
+    op.create_table(
+        "outbox_events",
+        sa.Column(
+            "position",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
+        sa.Column("id", sa.String(length=36), nullable=False),
+        sa.Column("event_type", sa.String(length=200), nullable=False),
+        sa.Column("aggregate_type", sa.String(length=100), nullable=False),
+        sa.Column("aggregate_id", sa.String(length=100), nullable=False),
+        sa.Column("ordering_key", sa.String(length=255), nullable=False),
+        sa.Column(
+            "payload",
+            sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"),
+            nullable=False,
+        ),
+        sa.Column("headers", sa.Text(), nullable=True),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        # Microseconds on MySQL too (its DATETIME keeps whole seconds by default).
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+            nullable=False,
+        ),
+        sa.Column(
+            "next_attempt_at",
+            sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+            nullable=False,
+        ),
+        sa.Column(
+            "processed_at",
+            sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+            nullable=True,
+        ),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("retry_count", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("position", name=op.f("pk_outbox_events")),
+        sa.UniqueConstraint("id", name=op.f("uq_outbox_events_id")),
+    )
+    op.create_index(op.f("ix_outbox_events_event_type"), "outbox_events", ["event_type"])
+    op.create_index(
+        op.f("ix_outbox_events_status_position"), "outbox_events", ["status", "position"]
+    )
+    op.create_index(
+        op.f("ix_outbox_events_status_ordering_key_position"),
+        "outbox_events",
+        ["status", "ordering_key", "position"],
+    )
+""",
+        """\
+    op.drop_index(op.f("ix_outbox_events_status_ordering_key_position"), table_name="outbox_events")
+    op.drop_index(op.f("ix_outbox_events_status_position"), table_name="outbox_events")
+    op.drop_index(op.f("ix_outbox_events_event_type"), table_name="outbox_events")
+    op.drop_table("outbox_events")
+""",
+    ),
+    "processed_messages": (
+        """\
+    from sqlalchemy.dialects import mysql
+
+    op.create_table(
+        "processed_messages",
+        sa.Column("consumer", sa.String(length=100), nullable=False),
+        sa.Column("message_id", sa.String(length=255), nullable=False),
+        sa.Column(
+            "processed_at",
+            sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+            nullable=False,
+        ),
+        sa.PrimaryKeyConstraint("consumer", "message_id", name=op.f("pk_processed_messages")),
+    )
+    op.create_index(
+        op.f("ix_processed_messages_processed_at"), "processed_messages", ["processed_at"]
+    )
+""",
+        """\
+    op.drop_index(op.f("ix_processed_messages_processed_at"), table_name="processed_messages")
+    op.drop_table("processed_messages")
 """,
     ),
 }
@@ -360,7 +577,19 @@ def compose_document(context: dict) -> dict:
         "migrate": {key: value for key, value in migrate.items() if value},
     }
     for name in service_names:
-        services[name] = fill(COMPOSE_SERVICES[name], values)
+        definition = fill(COMPOSE_SERVICES[name], values)
+        if definition.get("image") == service["image"]:
+            # Another process of the service itself (a relay, a worker): the
+            # service's environment and data, and the same services to wait for.
+            shared = {
+                "environment": {**environment, **definition.get("environment", {})},
+                "volumes": data_volumes + definition.get("volumes", []),
+                "depends_on": depends(definition.get("depends_on")),
+            }
+            own = {key: value for key, value in definition.items() if key not in shared}
+            first = {key: own.pop(key) for key in ("build", "image", "command") if key in own}
+            definition = {key: value for key, value in {**first, **shared, **own}.items() if value}
+        services[name] = definition
 
     volumes = [COMPOSE_VOLUMES[name] for name in service_names if name in COMPOSE_VOLUMES]
     if data_volumes:

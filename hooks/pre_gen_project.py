@@ -107,8 +107,8 @@ def validate(context: dict, table) -> None:
         )
 
     port_text = str(context["service_port"])
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise BadAnswer("service_port", context["service_port"], "must be an integer from 1 to 65535")
+    if not port_text.isdigit() or port_text.startswith("0") or not 1 <= int(port_text) <= 65535:
+        raise BadAnswer("service_port", context["service_port"], "must be an integer from 1 to 65535, without leading zeros")
     port = int(port_text)
     for feature in table.enabled_features(context):
         for service in feature.compose_services:

@@ -37,6 +37,7 @@ BAD_ANSWERS = [
     ({"service_port": "65536"}, "service_port = '65536': must be an integer from 1 to 65535"),
     ({"service_port": "http"}, "service_port = 'http': must be an integer from 1 to 65535"),
     ({"service_port": " 5000"}, "service_port = ' 5000': must be an integer from 1 to 65535"),
+    ({"service_port": "05000"}, "service_port = '05000': must be an integer from 1 to 65535"),
     ({"api_version": "1"}, "api_version = '1': must be 'v' followed by a positive integer"),
     ({"api_version": "v0"}, "api_version = 'v0': must be 'v' followed by a positive integer"),
     (

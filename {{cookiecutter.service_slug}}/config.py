@@ -34,7 +34,7 @@ def normalise_database_url(url: str) -> str:
 
 
 #: SECRET_KEY when nothing sets it: good enough on a laptop, refused in production.
-LOCAL_ONLY_SECRET_KEY = "insecure-local-only"
+LOCAL_ONLY_SECRET_KEY = "insecure-local-only"  # noqa: S105
 #: Credentials that only belong on a laptop: the defaults here and in
 #: docker-compose.yml, and the placeholders of .env.example.
 PLACEHOLDER_SECRETS = frozenset({LOCAL_ONLY_SECRET_KEY, "change-me", "app", "guest", "root"})
@@ -131,6 +131,71 @@ class Config:
         self.RATELIMIT_WRITE = env.str("RATELIMIT_WRITE", "60 per minute")
         self.RATELIMIT_STORAGE_URI = self.secret(env, "RATELIMIT_STORAGE_URI", "memory://")
         self.RATELIMIT_KEY_PREFIX = env.str("RATELIMIT_KEY_PREFIX", self.SERVICE_NAME)
+{%- endif %}
+{%- if cookiecutter.use_service_registry %}
+
+        # Consul: the local agent this instance registers with and asks for others.
+        self.CONSUL_HOST = env.str("CONSUL_HOST", "localhost")
+        self.CONSUL_PORT = env.int("CONSUL_PORT", 8500)
+        self.CONSUL_SCHEME = env.str("CONSUL_SCHEME", "http")
+        self.CONSUL_TOKEN = self.secret(env, "CONSUL_TOKEN", "")
+        self.CONSUL_TIMEOUT = env.float("CONSUL_TIMEOUT", 3.0)
+        self.CONSUL_RETRY_MAX_DELAY = env.float("CONSUL_RETRY_MAX_DELAY", 30.0)
+        # Registration happens only where the service is served (gunicorn's
+        # master, `flask run`, `python main.py`), never on import or in tests.
+        self.AUTO_REGISTER_SERVICE = env.bool("AUTO_REGISTER_SERVICE", True)
+        # What other services should call; empty means this host's IP address.
+        self.SERVICE_ADDRESS = env.str("SERVICE_ADDRESS", "")
+        self.SERVICE_ID = env.str("SERVICE_ID", "")  # empty: <name>-<hostname>-<port>
+        self.SERVICE_TAGS = env.list("SERVICE_TAGS", [])
+        self.SERVICE_CHECK_INTERVAL = env.str("SERVICE_CHECK_INTERVAL", "10s")
+        self.SERVICE_CHECK_TIMEOUT = env.str("SERVICE_CHECK_TIMEOUT", "5s")
+        self.SERVICE_DEREGISTER_AFTER = env.str("SERVICE_DEREGISTER_AFTER", "1m")
+        self.SERVICE_DISCOVERY_CACHE_TTL = env.float("SERVICE_DISCOVERY_CACHE_TTL", 5.0)
+{%- endif %}
+{%- if cookiecutter.use_tracing %}
+
+        # Tracing: OTLP/HTTP to Jaeger on JAEGER_HOST:4318 unless the
+        # standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT says otherwise.
+        self.TRACING_ENABLED = env.bool("TRACING_ENABLED", True)
+        self.JAEGER_HOST = env.str("JAEGER_HOST", "localhost")
+        self.JAEGER_PORT = env.int("JAEGER_PORT", None)  # the guide's UDP agent port: only warned about
+        self.OTEL_EXPORTER_OTLP_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+        self.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
+        self.TRACING_EXPORTER = env.str("OTEL_TRACES_EXPORTER", "otlp")  # otlp, console or none
+        # Seconds one export may take: short, so a missing collector never holds up shutdown.
+        self.TRACING_EXPORT_TIMEOUT = env.float("TRACING_EXPORT_TIMEOUT", 1.0)
+        # Probes and scrapes are not worth a trace each.
+        self.TRACING_EXCLUDED_URLS = env.str(
+            "OTEL_PYTHON_FLASK_EXCLUDED_URLS", r"/health$,/health/ready$,/metrics$"
+        )
+{%- endif %}
+{%- if cookiecutter.use_outbox %}
+
+        # Transactional outbox. OUTBOX_PROCESSING_INTERVAL is the longest idle
+        # wait between polls: PostgreSQL NOTIFY and commits in the same process
+        # wake the relay at once, and it polls again at once after a full batch.
+        self.OUTBOX_ENABLED = env.bool("OUTBOX_ENABLED", True)
+        self.OUTBOX_RELAY_IN_APP = env.bool("OUTBOX_RELAY_IN_APP", True)
+        self.OUTBOX_TRANSPORT = env.str("OUTBOX_TRANSPORT", {{ cookiecutter.outbox_transport | py_string }})
+        self.OUTBOX_PROCESSING_INTERVAL = env.float("OUTBOX_PROCESSING_INTERVAL", 1.0)
+        self.OUTBOX_MIN_POLL_INTERVAL = env.float("OUTBOX_MIN_POLL_INTERVAL", 0.05)
+        self.OUTBOX_MAX_RETRY = env.int("OUTBOX_MAX_RETRY", 5)
+        self.OUTBOX_BATCH_SIZE = env.int("OUTBOX_BATCH_SIZE", 500)
+        # Batches in flight per relay (one claims while another awaits confirms); 1 on SQLite.
+        self.OUTBOX_RELAY_WORKERS = env.int("OUTBOX_RELAY_WORKERS", 2)
+        self.OUTBOX_BACKOFF_BASE = env.float("OUTBOX_BACKOFF_BASE", 1.0)
+        self.OUTBOX_BACKOFF_MAX = env.float("OUTBOX_BACKOFF_MAX", 300.0)
+        self.OUTBOX_RETENTION_HOURS = env.float("OUTBOX_RETENTION_HOURS", 168.0)
+        self.OUTBOX_CLEANUP_BATCH_SIZE = env.int("OUTBOX_CLEANUP_BATCH_SIZE", 1000)
+        self.OUTBOX_CLEANUP_INTERVAL = env.float("OUTBOX_CLEANUP_INTERVAL", 300.0)
+        # /health/ready reports the outbox as down when its oldest pending event is older.
+        self.OUTBOX_MAX_LAG = env.float("OUTBOX_MAX_LAG", 60.0)
+{%- if cookiecutter.outbox_transport == "rabbitmq" %}
+        self.AMQP_URL = self.secret(env, "AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
+        self.OUTBOX_EXCHANGE = env.str("OUTBOX_EXCHANGE", self.SERVICE_NAME)
+        self.OUTBOX_PUBLISH_TIMEOUT = env.float("OUTBOX_PUBLISH_TIMEOUT", 10.0)
+{%- endif %}
 {%- endif %}
 
         # flask-smorest: the OpenAPI document is generated from the code and

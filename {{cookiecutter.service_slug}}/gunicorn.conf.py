@@ -36,3 +36,29 @@ def child_exit(server, worker):
 
     gunicorn_child_exit(server, worker)
 {%- endif %}
+{%- if cookiecutter.use_service_registry %}
+
+
+def when_ready(server):
+    """Register with Consul once, in the master: workers share one host:port."""
+    from common_utils.service_registry import gunicorn_when_ready
+    from config import Config
+
+    gunicorn_when_ready(server, vars(Config()))
+
+
+def on_exit(server):
+    """Deregister from Consul when gunicorn stops (SIGTERM, SIGINT), not when a worker is recycled."""
+    from common_utils.service_registry import gunicorn_on_exit
+
+    gunicorn_on_exit(server)
+{%- endif %}
+{%- if cookiecutter.use_tracing %}
+
+
+def post_fork(server, worker):
+    """Give each worker its own span export thread and HTTP session."""
+    from common_utils.tracing import gunicorn_post_fork
+
+    gunicorn_post_fork(server, worker)
+{%- endif %}

@@ -11,17 +11,32 @@ from flask_smorest import Blueprint
 {%- endif %}
 from sqlalchemy import text
 
-from app import errors, request_logging
+from app import errors, request_logging, security
 {%- if not cookiecutter.use_api_versioning %}
 from app.api import register_{{ cookiecutter.resource_name }}_routes
 {%- endif %}
 from app.extensions import (
     ServiceApi,
+{%- if cookiecutter.use_circuit_breaker %}
+    circuit_breakers,
+{%- endif %}
     db,
 {%- if cookiecutter.use_metrics %}
     metrics,
 {%- endif %}
     migrate,
+{%- if cookiecutter.use_rate_limiting %}
+    rate_limiting,
+{%- endif %}
+{%- if cookiecutter.use_circuit_breaker %}
+    service_clients,
+{%- endif %}
+{%- if cookiecutter.use_service_registry %}
+    service_registry,
+{%- endif %}
+{%- if cookiecutter.use_tracing %}
+    tracer,
+{%- endif %}
 {%- if cookiecutter.use_api_versioning %}
     versioned_api,
 {%- endif %}
@@ -30,6 +45,7 @@ from app.routes import health
 {%- if cookiecutter.use_api_versioning %}
 from app.routes_versioned import create_api_blueprint
 {%- endif %}
+from app.schemas import DecimalString
 from common_utils.health import add_readiness_check
 from config import Config
 
@@ -42,28 +58,59 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
 
     request_logging.init_app(app)
+    security.init_app(app)
     ensure_sqlite_folder(app.config["SQLALCHEMY_DATABASE_URI"])
     db.init_app(app)
     migrate.init_app(app, db)
+{%- if cookiecutter.use_tracing %}
+    tracer.init_app(app)  # early: its before_request must run before any that can answer first
+{%- endif %}
     api = ServiceApi(app, spec_kwargs={"version": app.config["SERVICE_VERSION"]})
+    api.register_field(DecimalString, "string", "decimal")  # before any schema is documented
     errors.init_app(app)  # after flask-smorest, whose own error handler it replaces
 
     app.register_blueprint(health)
     add_readiness_check(app, "database", check_database)
+{%- if cookiecutter.use_service_registry %}
+    service_registry.init_app(app)
+{%- endif %}
 {%- if cookiecutter.use_api_versioning %}
 
     versioned_api.init_app(app, api)
     version = app.config["API_VERSION"]
-    versioned_api.register_version(version, create_api_blueprint(version), app=app)
+    api_blueprint = create_api_blueprint(version)
+    versioned_api.register_version(version, api_blueprint, app=app)
 {%- else %}
 
     api_blueprint = Blueprint("api", __name__, url_prefix="/api", description="The service's API")
     register_{{ cookiecutter.resource_name }}_routes(api_blueprint)
     api.register_blueprint(api_blueprint)
 {%- endif %}
+{%- if cookiecutter.use_rate_limiting %}
+
+    rate_limiting.init_app(app)
+    rate_limiting.limit_writes(api_blueprint, app)
+{%- endif %}
 {%- if cookiecutter.use_metrics %}
 
     metrics.init_app(app)  # last: it instruments the routes registered above
+{%- endif %}
+{%- if cookiecutter.use_outbox %}
+
+    # Imported here: app.events needs the models, and common_utils.outbox
+    # (which the models use) may be what imported this package.
+    from app.events import processor as outbox_processor
+
+    outbox_processor.init_app(app)  # after metrics, whose registry gets the outbox series
+{%- endif %}
+{%- if cookiecutter.use_circuit_breaker %}
+
+    circuit_breakers.init_app(app)  # after metrics, whose registry gets the breaker states
+{%- if cookiecutter.use_service_registry %}
+    service_clients.init_app(app, resolve=service_registry.resolve)
+{%- else %}
+    service_clients.init_app(app)
+{%- endif %}
 {%- endif %}
     return app
 

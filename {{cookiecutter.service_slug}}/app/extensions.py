@@ -6,8 +6,21 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData
 
 from app.errors import ErrorResponseSchema
+{%- if cookiecutter.use_circuit_breaker %}
+from common_utils.circuit_breaker import CircuitBreakers
+from common_utils.http_client import ServiceClients
+{%- endif %}
 {%- if cookiecutter.use_metrics %}
 from common_utils.metrics import Metrics
+{%- endif %}
+{%- if cookiecutter.use_rate_limiting %}
+from common_utils.rate_limiting import RateLimiting
+{%- endif %}
+{%- if cookiecutter.use_service_registry %}
+from common_utils.service_registry import ServiceRegistry
+{%- endif %}
+{%- if cookiecutter.use_tracing %}
+from common_utils.tracing import Tracer
 {%- endif %}
 {%- if cookiecutter.use_api_versioning %}
 from common_utils.versioning import VersionedAPI
@@ -41,6 +54,19 @@ db = SQLAlchemy(metadata=MetaData(naming_convention=NAMING_CONVENTION))
 migrate = Migrate(render_as_batch=True, compare_type=True)
 {%- if cookiecutter.use_metrics %}
 metrics = Metrics()
+{%- endif %}
+{%- if cookiecutter.use_circuit_breaker %}
+circuit_breakers = CircuitBreakers()
+service_clients = ServiceClients(circuit_breakers)
+{%- endif %}
+{%- if cookiecutter.use_rate_limiting %}
+rate_limiting = RateLimiting()
+{%- endif %}
+{%- if cookiecutter.use_service_registry %}
+service_registry = ServiceRegistry()
+{%- endif %}
+{%- if cookiecutter.use_tracing %}
+tracer = Tracer()
 {%- endif %}
 {%- if cookiecutter.use_api_versioning %}
 versioned_api = VersionedAPI()

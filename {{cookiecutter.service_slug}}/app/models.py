@@ -13,6 +13,9 @@ from sqlalchemy import DateTime, Numeric, String, Text, TypeDecorator
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
+{%- if cookiecutter.use_outbox %}
+from common_utils.outbox import OutboxMixin
+{%- endif %}
 
 STATUSES = ("draft", "active", "archived")
 
@@ -45,7 +48,7 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
-class {{ cookiecutter.__resource_class }}(db.Model):
+class {{ cookiecutter.__resource_class }}({% if cookiecutter.use_outbox %}OutboxMixin, {% endif %}db.Model):
     __tablename__ = "{{ cookiecutter.resource_plural }}"
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -30,14 +30,23 @@ class RequestContextFilter(logging.Filter):
 
 
 def configure_logging(level: str | int = "INFO") -> None:
-    """Send JSON lines to stdout. Safe to call again: the handler is replaced, not added."""
+    """Send JSON lines to stdout. Safe to call again: the handler is replaced, not added.
+
+    Features add fields to every line by adding a logging.Filter to the
+    handler marked `is_service_handler` (tracing adds trace_id and span_id);
+    a replaced handler hands those filters on to its successor.
+    """
     root = logging.getLogger()
+    feature_filters = []
     for handler in list(root.handlers):
         if getattr(handler, "is_service_handler", False):
+            feature_filters += [f for f in handler.filters if not isinstance(f, RequestContextFilter)]
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stdout)
     handler.is_service_handler = True
     handler.addFilter(RequestContextFilter())
+    for feature_filter in feature_filters:
+        handler.addFilter(feature_filter)
     handler.setFormatter(
         JsonFormatter(
             "{asctime}{levelname}{name}{message}{request_id}",

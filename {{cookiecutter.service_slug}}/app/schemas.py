@@ -7,6 +7,17 @@ from marshmallow import Schema, fields, validate
 from app.models import STATUSES
 
 
+class DecimalString(fields.Decimal):
+    """A decimal that travels as a JSON string ("9.99"), so no precision is lost on the way.
+
+    create_app documents it as an OpenAPI string: a plain Decimal field would
+    be documented as a number, which is not what clients receive.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(as_string=True, **kwargs)
+
+
 class {{ cookiecutter.__resource_class }}Schema(Schema):
     """A {{ cookiecutter.resource_name.replace('_', ' ') }} as the API shows it and accepts it."""
 
@@ -16,12 +27,12 @@ class {{ cookiecutter.__resource_class }}Schema(Schema):
     quantity = fields.Integer(
         required=True, strict=True, validate=validate.Range(min=0, max=1_000_000_000)
     )
-    unit_price = fields.Decimal(
+    unit_price = DecimalString(
         required=True,
         places=2,
-        as_string=True,
         allow_nan=False,
         validate=validate.Range(min=Decimal("0"), max=Decimal("99999999.99")),
+        metadata={"pattern": r"^[0-9]{1,8}(\.[0-9]{1,2})?$", "example": "9.99"},
     )
     status = fields.String(load_default="draft", validate=validate.OneOf(STATUSES))
     created_at = fields.AwareDateTime(dump_only=True)

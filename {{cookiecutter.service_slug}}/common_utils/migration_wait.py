@@ -64,7 +64,8 @@ def wait_for_migrations(
                 return True
             reason = "migrations are not applied yet"
         except SQLAlchemyError as error:
-            reason = f"the database is not reachable ({type(error).__name__})"
+            detail = str(getattr(error, "orig", None) or error).splitlines()[0]
+            reason = f"the database is not reachable: {detail}"
         if time.monotonic() >= deadline:
             logger.error("gave up after %s s: %s", timeout, reason)
             return False

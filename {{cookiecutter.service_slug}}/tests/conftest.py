@@ -52,7 +52,15 @@ def drop_everything(url: str) -> None:
 
 @pytest.fixture(scope="session")
 def app_config(database_url) -> dict:
-    return {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url}
+    return {
+        "TESTING": True,
+        "SQLALCHEMY_DATABASE_URI": database_url,
+        # Every request of the suite comes from one address: limits high enough
+        # never to trip (tests/test_rate_limiting.py sets its own). Ignored
+        # when rate limiting is not part of the project.
+        "RATELIMIT_DEFAULT": "100000 per minute",
+        "RATELIMIT_WRITE": "100000 per minute",
+    }
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,394 @@
+"""The transactional outbox: events written in the same transaction as the data.
+
+A service that changes a row and then publishes "it changed" to a broker
+can crash between the two, or publish for a transaction that then rolls
+back. Here the event is a row of `outbox_events`, inserted by the same
+database transaction as the change, so it exists exactly when the change
+was committed. A relay (common_utils/outbox_relay.py) then publishes the
+rows and marks them processed only once the broker has confirmed them.
+
+The names are the migration guide's: `OutboxEvent` (with
+`OutboxEvent.create_event(session, ...)`), `OutboxMixin` with
+`__outbox_enabled__ = True`, and `OutboxProcessor(db, OutboxEvent)` with
+`register_handler` and `process_pending_events(limit=...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import uuid
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask, current_app, has_app_context, has_request_context, request
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    event,
+    text,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+try:  # the OpenTelemetry API is there when tracing is on; the outbox works without it
+    from opentelemetry import propagate as otel_propagate
+    from opentelemetry import trace as otel_trace
+except ImportError:  # pragma: no cover - depends on the render
+    otel_propagate = None
+    otel_trace = None
+
+logger = logging.getLogger(__name__)
+
+PENDING = "pending"
+PROCESSED = "processed"
+FAILED = "failed"
+STATUSES = (PENDING, PROCESSED, FAILED)
+
+#: PostgreSQL channel a writing transaction notifies, waking relays at once.
+NOTIFY_CHANNEL = "outbox_events"
+#: W3C trace context headers (https://www.w3.org/TR/trace-context/).
+TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+MAX_TRACESTATE_LENGTH = 512
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCTimestamp(TypeDecorator):
+    """A timezone-aware UTC timestamp on every database (naive UTC where there is no zone).
+
+    On MySQL it is DATETIME(6): the default DATETIME keeps whole seconds,
+    too coarse for retry times and relay lag.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+# 64 KiB TEXT is too small for some payloads on MySQL; the others have no limit.
+LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+# SQLite only auto-increments a column declared INTEGER PRIMARY KEY.
+Position = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def event_values(
+    event_type: str,
+    aggregate_type: str,
+    aggregate_id: Any,
+    payload: Any,
+    headers: dict[str, str] | None = None,
+    ordering_key: str | None = None,
+) -> dict:
+    """A new event's column values, with the trace context of the code writing it."""
+    now = utcnow()
+    all_headers = {**capture_trace_headers(), **(headers or {})}
+    aggregate_id = str(aggregate_id)
+    return {
+        "id": str(uuid.uuid4()),
+        "event_type": event_type,
+        "aggregate_type": aggregate_type,
+        "aggregate_id": aggregate_id,
+        "ordering_key": ordering_key or f"{aggregate_type}:{aggregate_id}",
+        "payload": json.dumps(payload, default=str, separators=(",", ":")),
+        "headers": json.dumps(all_headers, separators=(",", ":")) if all_headers else None,
+        "status": PENDING,
+        "created_at": now,
+        "next_attempt_at": now,
+        "retry_count": 0,
+    }
+
+
+def capture_trace_headers() -> dict[str, str]:
+    """The W3C trace context of the current span, or of the request being served.
+
+    With OpenTelemetry active, the current span's context is injected, so a
+    consumer's span continues the request's trace. Without it, a valid
+    `traceparent` the caller sent is passed through unchanged.
+    """
+    carrier: dict[str, str] = {}
+    if otel_propagate is not None:
+        otel_propagate.inject(carrier)
+    if "traceparent" not in carrier and has_request_context():
+        traceparent = request.headers.get("traceparent", "").strip().lower()
+        if TRACEPARENT.match(traceparent) and not traceparent.startswith("ff"):
+            carrier["traceparent"] = traceparent
+            tracestate = request.headers.get("tracestate", "").strip()
+            if tracestate and len(tracestate) <= MAX_TRACESTATE_LENGTH:
+                carrier["tracestate"] = tracestate
+    return {key: value for key, value in carrier.items() if key in ("traceparent", "tracestate")}
+
+
+@contextmanager
+def continue_trace(headers: dict | None, name: str, tracer=None, **attributes) -> Iterator[Any]:
+    """Run a consumer's work in a span that is a child of the context in `headers`.
+
+    `headers` are an event's headers or an AMQP message's; without
+    OpenTelemetry this yields None and does nothing.
+    """
+    if otel_trace is None or otel_propagate is None:
+        yield None
+        return
+    carrier = {key: value for key, value in (headers or {}).items() if isinstance(value, str)}
+    parent = otel_propagate.extract(carrier)
+    tracer = tracer or otel_trace.get_tracer(__name__)
+    with tracer.start_as_current_span(
+        name, context=parent, kind=otel_trace.SpanKind.CONSUMER, attributes=attributes
+    ) as span:
+        yield span
+
+
+class OutboxMixin:
+    """Give a model events: inserting, updating or deleting it writes
+    `<aggregate>.created`, `.updated` or `.deleted` with `to_dict()` as payload,
+    in the same transaction. Set `__outbox_enabled__ = False` to silence a subclass.
+    """
+
+    __outbox_enabled__ = True
+    #: Defaults to the class name in snake_case (`LineItem` -> `line_item`).
+    __outbox_aggregate_type__: str | None = None
+
+    @classmethod
+    def outbox_aggregate_type(cls) -> str:
+        return cls.__outbox_aggregate_type__ or re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+
+    def outbox_aggregate_id(self) -> str:
+        return str(self.id)
+
+    def outbox_payload(self) -> dict:
+        return self.to_dict()
+
+    def outbox_event_values(self, action: str) -> dict:
+        aggregate_type = self.outbox_aggregate_type()
+        return event_values(
+            f"{aggregate_type}.{action}",
+            aggregate_type,
+            self.outbox_aggregate_id(),
+            self.outbox_payload(),
+        )
+
+
+def events_enabled() -> bool:
+    """OUTBOX_ENABLED of the current app (True outside an app, e.g. in scripts)."""
+    return not has_app_context() or current_app.config.get("OUTBOX_ENABLED", True)
+
+
+def wants_events(obj: Any) -> bool:
+    return isinstance(obj, OutboxMixin) and obj.__outbox_enabled__
+
+
+PENDING_DELETES = "outbox_pending_deletes"
+WROTE_EVENTS = "outbox_wrote_events"
+
+
+@event.listens_for(Session, "before_flush")
+def _snapshot_deletes(session: Session, flush_context, instances) -> None:
+    """Take the payload of deleted rows while they can still be loaded."""
+    if not events_enabled():
+        return
+    deleted = [obj.outbox_event_values("deleted") for obj in session.deleted if wants_events(obj)]
+    if deleted:
+        session.info.setdefault(PENDING_DELETES, []).extend(deleted)
+
+
+@event.listens_for(Session, "after_flush")
+def _write_events(session: Session, flush_context) -> None:
+    """Insert the events of this flush on the flush's own connection (same transaction)."""
+    rows = session.info.pop(PENDING_DELETES, [])
+    if events_enabled():
+        for obj in session.new:
+            if wants_events(obj):
+                rows.append(obj.outbox_event_values("created"))
+        for obj in session.dirty:
+            if wants_events(obj) and session.is_modified(obj, include_collections=False):
+                rows.append(obj.outbox_event_values("updated"))
+    wrote = bool(rows) or any(isinstance(obj, OutboxEvent) for obj in session.new)
+    if not wrote:
+        return
+    connection = session.connection(bind_arguments={"mapper": OutboxEvent.__mapper__})
+    if rows:
+        connection.execute(OutboxEvent.__table__.insert(), rows)
+    if connection.dialect.name == "postgresql" and not session.info.get(WROTE_EVENTS):
+        # Delivered at commit, dropped on rollback: relays wake for committed events only.
+        connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+    session.info[WROTE_EVENTS] = connection.engine.url
+
+
+@event.listens_for(Session, "after_commit")
+def _wake_local_relays(session: Session) -> None:
+    url = session.info.pop(WROTE_EVENTS, None)
+    if url is not None:
+        wake_relays(url)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_events(session: Session) -> None:
+    session.info.pop(WROTE_EVENTS, None)
+    session.info.pop(PENDING_DELETES, None)
+
+
+_local_wakers: weakref.WeakSet = weakref.WeakSet()
+_wakers_lock = threading.Lock()
+
+
+def register_waker(waker: Any) -> None:
+    """Let a relay in this process be woken by commits (`waker.wake(url)`)."""
+    with _wakers_lock:
+        _local_wakers.add(waker)
+
+
+def wake_relays(url: Any) -> None:
+    with _wakers_lock:
+        wakers = list(_local_wakers)
+    for waker in wakers:
+        waker.wake(url)
+
+
+Handler = Callable[[str, Any, Any], Any]
+
+
+class OutboxProcessor:
+    """The guide's processor: handlers by event type, and the relay that runs them.
+
+    Like a blueprint, it is made once (`OutboxProcessor(db, OutboxEvent)`)
+    and bound to each app with `init_app(app)`, which reads the OUTBOX_*
+    settings and keeps the app's transport, metrics and relay in
+    `app.extensions["outbox"]`. Handlers are called as
+    `handler(aggregate_id, payload, event)` by the `in_process` transport.
+    """
+
+    def __init__(self, db, model=None, app: Flask | None = None):
+        self.db = db
+        self.model = model if model is not None else OutboxEvent
+        self.handlers: dict[str, list[Handler]] = defaultdict(list)
+        if app is not None:
+            self.init_app(app)
+
+    def register_handler(self, event_type: str) -> Callable[[Handler], Handler]:
+        """Decorator: run the function for every event of `event_type` ("*" for all)."""
+
+        def decorator(handler: Handler) -> Handler:
+            self.handlers[event_type].append(handler)
+            return handler
+
+        return decorator
+
+    def init_app(self, app: Flask) -> None:
+        from common_utils.outbox_relay import init_outbox
+
+        init_outbox(app, self)
+
+    def process_pending_events(self, limit: int | None = None) -> int:
+        """Publish one batch of due events (in the current app); return how many were processed."""
+        return self.state().process_batch(limit)
+
+    def start_relay_thread(self, app: Flask, *, on_first_request: bool = False) -> None:
+        """Run the relay in a background thread of this process (once per process)."""
+        app.extensions["outbox"].start_thread(on_first_request=on_first_request)
+
+    def state(self, app: Flask | None = None):
+        return (app or current_app).extensions["outbox"]
+
+
+# -- the model -------------------------------------------------------------------
+# Imported here, not at the top: app/models.py imports OutboxMixin from this
+# module, and importing app.extensions first runs app/__init__.py, which
+# imports app/models.py. With everything above already defined, importing
+# this module first (a script, a worker) works as well as importing the app first.
+from app.extensions import db  # noqa: E402
+
+
+class OutboxEvent(db.Model):
+    """One event waiting to be published (or published, until retention removes it).
+
+    `position` is the commit-ordered key the relay publishes by: a writer
+    changing an aggregate holds that aggregate's row lock, so a later
+    event of the same aggregate always gets a higher position.
+    `ordering_key` groups the events whose order matters (the aggregate by
+    default); a failing event holds back later events of its key only.
+    """
+
+    __tablename__ = "outbox_events"
+    __table_args__ = (
+        # The relay's claim: pending events in position order.
+        Index(None, "status", "position"),
+        # The order guard: earlier pending events of the same keys.
+        Index(None, "status", "ordering_key", "position"),
+    )
+
+    position: Mapped[int] = mapped_column(Position, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True, default=lambda: str(uuid.uuid4()))
+    event_type: Mapped[str] = mapped_column(String(200), index=True)
+    aggregate_type: Mapped[str] = mapped_column(String(100))
+    aggregate_id: Mapped[str] = mapped_column(String(100))
+    ordering_key: Mapped[str] = mapped_column(String(255))
+    payload: Mapped[str] = mapped_column(LongText)
+    headers: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), default=PENDING)
+    created_at: Mapped[datetime] = mapped_column(UTCTimestamp, default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCTimestamp, default=utcnow)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCTimestamp)
+    error: Mapped[str | None] = mapped_column(Text)
+    retry_count: Mapped[int] = mapped_column(default=0)
+
+    @classmethod
+    def create_event(
+        cls,
+        session: Session,
+        event_type: str,
+        aggregate_type: str,
+        aggregate_id: Any,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        ordering_key: str | None = None,
+    ) -> OutboxEvent:
+        """Add an event to `session`; it is written, or not, with the session's transaction.
+
+        For per-aggregate commit order, change (and so lock) the aggregate's
+        row in the same transaction before adding its event, as OutboxMixin does.
+        """
+        event = cls(**event_values(event_type, aggregate_type, aggregate_id, payload, headers, ordering_key))
+        session.add(event)
+        return event
+
+    @property
+    def data(self) -> Any:
+        """The payload, decoded."""
+        return json.loads(self.payload)
+
+    @property
+    def header_map(self) -> dict[str, str]:
+        """The headers (trace context first of all), decoded."""
+        return json.loads(self.headers) if self.headers else {}
+
+    def __repr__(self) -> str:
+        return f"<OutboxEvent {self.id} {self.event_type} {self.status}>"

@@ -1,0 +1,129 @@
+"""Rate limiting per client address, with Flask-Limiter.
+
+- Every route gets RATELIMIT_DEFAULT (say `300 per minute`); the resource's
+  writes (POST, PUT, PATCH, DELETE) also get RATELIMIT_WRITE, through
+  `rate_limiting.limit_writes(blueprint)` in create_app.
+- /health, /health/ready and /metrics are never limited: probes and scrapes
+  must not be refused because a client was greedy.
+- Over a limit: 429 in the service's JSON error shape with Retry-After.
+  Every limited response carries X-RateLimit-Limit, X-RateLimit-Remaining and
+  X-RateLimit-Reset.
+- The client is `request.remote_addr`, which honours X-Forwarded-For only for
+  the TRUSTED_PROXY_COUNT proxies app/security.py trusts, so a client cannot
+  dodge its limit by sending the header itself.
+- Counters live in RATELIMIT_STORAGE_URI: `memory://` (per process) for local
+  runs, Redis in docker compose so every worker and replica shares them. If
+  Redis cannot be reached, each process falls back to its own in-memory
+  counters with a warning in the log, and returns to Redis once it answers
+  again (checked with backoff, at most every 32 s): limits get looser for a
+  while, requests never fail because of it.
+
+Each app gets its own Limiter (Flask-Limiter keeps its storage and limits
+on the Limiter object), so several apps in one process never share counters.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, current_app, g, request
+from flask_limiter import Limiter, RateLimitExceeded
+
+from app.errors import error_response
+from common_utils.health import add_readiness_check
+
+EXTENSION_KEY = "rate_limiting"
+EXEMPT_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
+WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
+# A Redis that does not answer must cost a request a second at most, not hang it.
+REDIS_OPTIONS = {"socket_connect_timeout": 1, "socket_timeout": 1}
+
+
+def client_address() -> str:
+    """The rate-limit key: the client's address (after the trusted proxies, see app/security.py)."""
+    return request.remote_addr or "unknown"
+
+
+def is_exempt() -> bool:
+    return request.path in EXEMPT_PATHS
+
+
+def remember_retry_after(response):
+    g.retry_after_before_limits = response.headers.get("Retry-After")
+    return response
+
+
+def restore_retry_after(response):
+    """Flask-Limiter writes Retry-After on every limited response; keep it on 429s only.
+
+    Other responses get back the Retry-After they had (say, a 503 from an open
+    circuit breaker), or none.
+    """
+    if response.status_code != 429:
+        original = g.pop("retry_after_before_limits", None)
+        if original is None:
+            response.headers.pop("Retry-After", None)
+        else:
+            response.headers["Retry-After"] = original
+    return response
+
+
+def too_many_requests(error: RateLimitExceeded):
+    """429 in the JSON error shape; Flask-Limiter adds Retry-After and the X-RateLimit headers."""
+    return error_response(
+        429,
+        f"Too many requests: the limit is {error.description}. Retry after the time in Retry-After.",
+        {"limit": error.description},
+    )
+
+
+def check_storage(limiter: Limiter) -> dict:
+    scheme = limiter.storage.__class__.__name__
+    if not limiter.storage.check():
+        raise ConnectionError(f"{scheme} does not answer; limits are per process meanwhile")
+    return {"storage": scheme}
+
+
+class RateLimiting:
+    """The extension; `rate_limiting.limiter()` is the app's flask_limiter.Limiter."""
+
+    def __init__(self, app: Flask | None = None):
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> Limiter:
+        storage_uri = app.config.setdefault("RATELIMIT_STORAGE_URI", "memory://")
+        redis = storage_uri.startswith(("redis://", "rediss://", "redis+"))
+        limiter = Limiter(
+            key_func=client_address,
+            headers_enabled=True,
+            retry_after="delta-seconds",
+            in_memory_fallback_enabled=True,
+            storage_options=dict(REDIS_OPTIONS) if redis else {},
+        )
+        limiter.request_filter(is_exempt)
+        # after_request functions run last-registered first: remember the
+        # response's own Retry-After before the limiter's hook, restore it after.
+        app.after_request(restore_retry_after)
+        limiter.init_app(app)
+        app.after_request(remember_retry_after)
+        app.extensions[EXTENSION_KEY] = limiter
+        app.register_error_handler(RateLimitExceeded, too_many_requests)
+        if limiter.enabled:
+            # Informational: without its storage the limiter falls back, it does not fail.
+            add_readiness_check(
+                app, "rate_limit_storage", lambda: check_storage(limiter), critical=False
+            )
+        return limiter
+
+    @staticmethod
+    def limiter(app: Flask | None = None) -> Limiter:
+        return (app or current_app).extensions[EXTENSION_KEY]
+
+    def limit_writes(self, blueprint, app: Flask | None = None) -> None:
+        """Add RATELIMIT_WRITE to the write methods of every view in `blueprint` (on top of the default)."""
+        app = app or current_app
+        limiter = self.limiter(app)
+        if not limiter.enabled:
+            return
+        limiter.limit(
+            app.config["RATELIMIT_WRITE"], methods=WRITE_METHODS, override_defaults=False
+        )(blueprint)

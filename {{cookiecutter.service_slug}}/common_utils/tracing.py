@@ -1,0 +1,431 @@
+"""Distributed tracing with OpenTelemetry, exported over OTLP to Jaeger: the guide's Tracer.
+
+`tracer.init_app(app)` gives the app its own TracerProvider and traces every
+request it serves (Flask), every SQL statement of its engines (SQLAlchemy)
+and every outgoing `requests` call, which carries a W3C `traceparent` header
+so the next service continues the trace. Spans leave in batches over
+OTLP/HTTP (Jaeger listens on 4318); the old Jaeger exporter is gone upstream.
+
+Why the pieces look the way they do:
+
+- Several apps in one process (tests) must not share state, and OTel's
+  global TracerProvider can be set only once. So each app owns a provider,
+  handed explicitly to the Flask and SQLAlchemy instrumentation. `requests`
+  can only be patched once per process; it, and anyone calling
+  `opentelemetry.trace.get_tracer()`, gets a provider that forwards to the
+  provider of the app in context.
+- No collector must not mean a slow or stuck service: spans are exported
+  from a background thread, each export gives up after
+  TRACING_EXPORT_TIMEOUT (the SDK's default of 10 s with retries would hold
+  process exit for about 7 s), and shutdown is bounded by SHUTDOWN_TIMEOUT.
+- Under gunicorn every worker needs its own export thread and HTTP session.
+  Without preload_app each worker builds the app after the fork anyway;
+  with it, `gunicorn_post_fork` starts a fresh pipeline in each worker.
+- Log lines carry `trace_id` and `span_id` (TraceContextFilter), so a
+  trace found in Jaeger leads to its logs and back.
+
+The standard OTEL_* variables win over the service's own settings:
+OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT over JAEGER_HOST, OTEL_SERVICE_NAME and
+OTEL_RESOURCE_ATTRIBUTES over SERVICE_NAME and friends, and OTEL_TRACES_SAMPLER,
+OTEL_BSP_* and OTEL_EXPORTER_OTLP_HEADERS are read by the SDK itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, current_app, g, has_app_context, request
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.flask import FlaskInstrumentor
+from opentelemetry.instrumentation.requests import RequestsInstrumentor
+from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.trace import format_span_id, format_trace_id
+from opentelemetry.util.http import parse_excluded_urls
+
+EXTENSION_KEY = "tracing"
+SQLALCHEMY_SCOPE = "opentelemetry.instrumentation.sqlalchemy"
+#: Longest wait for the last spans to leave when the process stops.
+SHUTDOWN_TIMEOUT = 0.5
+#: After a failed export, batches are dropped unsent for this long, doubling up to the maximum.
+FIRST_BACKOFF, MAX_BACKOFF = 2.0, 30.0
+
+logger = logging.getLogger(__name__)
+
+
+def traces_endpoint(config: Mapping[str, Any]) -> str:
+    """Where spans go: the OTEL_* endpoints when set, else Jaeger's OTLP/HTTP port on JAEGER_HOST."""
+    if config.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return config["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+    base = config.get("OTEL_EXPORTER_OTLP_ENDPOINT") or f"http://{config['JAEGER_HOST']}:4318"
+    return base.rstrip("/") + "/v1/traces"
+
+
+def make_exporter_factory(config: Mapping[str, Any]) -> Callable[[], SpanExporter] | None:
+    """A function building the configured exporter (TRACING_EXPORTER: otlp, console or none)."""
+    kind = config["TRACING_EXPORTER"]
+    if kind == "none":
+        return None
+    if kind == "console":
+        return ConsoleSpanExporter
+    if kind != "otlp":
+        raise ValueError(f"TRACING_EXPORTER must be otlp, console or none, not {kind!r}")
+    endpoint, timeout = traces_endpoint(config), config["TRACING_EXPORT_TIMEOUT"]
+    return lambda: BackoffExporter(OTLPSpanExporter(endpoint=endpoint, timeout=timeout), endpoint)
+
+
+def make_resource(config: Mapping[str, Any]) -> Resource:
+    """Who is sending: service name and version, environment, and this instance."""
+    environment = config["ENVIRONMENT"]
+    own = Resource.create(
+        {
+            "service.name": config["SERVICE_NAME"],
+            "service.version": config["SERVICE_VERSION"],
+            "service.instance.id": str(uuid.uuid4()),
+            "deployment.environment": environment,
+            "deployment.environment.name": environment,
+            "host.name": socket.gethostname(),
+            "process.pid": os.getpid(),
+        }
+    )
+    return own.merge(OTELResourceDetector().detect())  # OTEL_SERVICE_NAME etc. win
+
+
+class BackoffExporter(SpanExporter):
+    """Stops trying a collector that is not there, for a while.
+
+    Each export encodes a whole batch to protobuf before sending it: with no
+    collector that work is wasted, and the exporter's own retries hold the
+    export thread while spans pile up. After a failure this drops batches
+    unsent, without encoding them, for a backoff period that doubles up to
+    MAX_BACKOFF and is reset by the next success; the spans dropped would
+    have been lost anyway. It says so in the log once per period.
+    """
+
+    def __init__(self, inner: SpanExporter, endpoint: str, clock: Callable[[], float] = time.monotonic):
+        self.inner = inner
+        self.endpoint = endpoint
+        self.clock = clock
+        self.backoff = 0.0
+        self.resume_at = 0.0
+        self.dropped = 0
+
+    def export(self, spans) -> SpanExportResult:
+        if self.clock() < self.resume_at:
+            self.dropped += len(spans)
+            return SpanExportResult.FAILURE
+        result = self.inner.export(spans)
+        if result is SpanExportResult.SUCCESS:
+            if self.backoff:
+                logger.info("Span export to %s works again (%d spans were dropped)", self.endpoint, self.dropped)
+            self.backoff, self.dropped = 0.0, 0
+            return result
+        self.backoff = min(self.backoff * 2 or FIRST_BACKOFF, MAX_BACKOFF)
+        self.resume_at = self.clock() + self.backoff
+        self.dropped += len(spans)
+        logger.warning(
+            "Span export to %s failed; dropping spans for %.0f s before trying again", self.endpoint, self.backoff
+        )
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class ForkSafeBatchProcessor(SpanProcessor):
+    """A BatchSpanProcessor, and its exporter, owned by one process.
+
+    The queue, the export thread and the exporter's HTTP session of a batch
+    processor belong to the process that made them. When gunicorn forks a
+    worker from a master that already built the app (preload_app), the
+    worker starts its own (`after_fork`, from gunicorn's post_fork hook, or
+    at its first span) instead of sharing the master's.
+    """
+
+    def __init__(self, make_exporter: Callable[[], SpanExporter]):
+        self._make_exporter = make_exporter
+        self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        self.exporter = self._make_exporter()
+        self._batch = BatchSpanProcessor(self.exporter)
+        self._pid = os.getpid()
+
+    def after_fork(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            inherited = self._batch
+            self._start()
+        inherited.shutdown()  # its copied queue is empty: this only ends its thread
+
+    def on_start(self, span: Span, parent_context=None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._pid != os.getpid():
+            self.after_fork()
+        self._batch.on_end(span)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._batch.force_flush(timeout_millis)
+
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Send what is queued, but give up after `timeout` seconds (no collector, say)."""
+        if self._pid != os.getpid():
+            return
+        finishing = threading.Thread(target=self._batch.shutdown, name="otel-shutdown", daemon=True)
+        finishing.start()
+        finishing.join(timeout)
+        if finishing.is_alive():
+            # Ends the exporter's retry waits; the batch thread then stops at once.
+            self.exporter.shutdown()
+            finishing.join(0.2)
+
+
+@dataclass(eq=False)  # hashable by identity, for the WeakSet of live states
+class TracingState:
+    """Per-app tracing: its provider, its export pipeline and its tracers by scope."""
+
+    provider: TracerProvider
+    processor: ForkSafeBatchProcessor | None
+    endpoint: str | None
+    tracers: dict[tuple, trace.Tracer] = field(default_factory=dict)
+
+    def tracer(self, name: str, version: str | None = None, schema_url: str | None = None, attributes=None):
+        key = (name, version, schema_url, tuple(sorted((attributes or {}).items())))
+        if key not in self.tracers:
+            self.tracers[key] = self.provider.get_tracer(name, version, schema_url, attributes)
+        return self.tracers[key]
+
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        if self.processor is not None:
+            self.processor.shutdown(timeout)
+        self.provider.shutdown()
+
+
+_live_states: weakref.WeakSet[TracingState] = weakref.WeakSet()
+_process_wide_lock = threading.Lock()
+_process_wide_done = False
+_NOOP_TRACER = trace.NoOpTracer()
+
+
+class CurrentAppTracer(trace.Tracer):
+    """A tracer that starts spans with the tracer provider of the app in context.
+
+    Outside an app context (a thread without one, say) it records nothing.
+    """
+
+    def __init__(self, *scope):
+        self._scope = scope
+
+    def _target(self) -> trace.Tracer:
+        state = current_app.extensions.get(EXTENSION_KEY) if has_app_context() else None
+        return state.tracer(*self._scope) if state is not None else _NOOP_TRACER
+
+    def start_span(self, *args, **kwargs) -> trace.Span:
+        return self._target().start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args, **kwargs):
+        return self._target().start_as_current_span(*args, **kwargs)
+
+
+class CurrentAppTracerProvider(trace.TracerProvider):
+    """The process-wide provider: its tracers forward to the current app's own provider."""
+
+    def get_tracer(self, instrumenting_module_name, instrumenting_library_version=None, schema_url=None, attributes=None):
+        return CurrentAppTracer(instrumenting_module_name, instrumenting_library_version, schema_url, attributes)
+
+
+ROUTING_PROVIDER = CurrentAppTracerProvider()
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds the current span's trace_id and span_id (null outside a span) to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        valid = context.is_valid
+        record.trace_id = format_trace_id(context.trace_id) if valid else None
+        record.span_id = format_span_id(context.span_id) if valid else None
+        return True
+
+
+TRACE_CONTEXT_FILTER = TraceContextFilter()
+
+
+def add_trace_ids_to_service_logs() -> None:
+    """Put TraceContextFilter on the service's JSON handler (it keeps it when reconfigured)."""
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "is_service_handler", False):
+            handler.addFilter(TRACE_CONTEXT_FILTER)
+
+
+def instrument_process() -> None:
+    """What can only happen once per process: patch `requests`, set the global provider."""
+    global _process_wide_done
+    with _process_wide_lock:
+        if _process_wide_done:
+            return
+        _process_wide_done = True
+    RequestsInstrumentor().instrument(tracer_provider=ROUTING_PROVIDER)
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        trace.set_tracer_provider(ROUTING_PROVIDER)
+    atexit.register(shutdown_all)
+
+
+def shutdown_all(timeout: float = SHUTDOWN_TIMEOUT) -> None:
+    """At exit: flush every app's spans at the same time, all within `timeout` seconds."""
+    threads = [
+        threading.Thread(target=state.shutdown, args=(timeout,), daemon=True) for state in list(_live_states)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 0.3)
+
+
+def stop_in_background(processor: ForkSafeBatchProcessor) -> None:
+    """Stop a discarded app's export thread, dropping what it still holds.
+
+    Called by the garbage collector, possibly on that very thread, so the
+    waiting happens on a thread of its own.
+    """
+
+    def stop() -> None:
+        processor.exporter.shutdown()  # further exports return at once
+        processor.shutdown(timeout=SHUTDOWN_TIMEOUT)
+
+    threading.Thread(target=stop, name="otel-discard", daemon=True).start()
+
+
+class Tracer:
+    """Flask extension: `tracer.init_app(app)`; `with tracer.span("charge-card"):` for your own spans."""
+
+    def __init__(self, app: Flask | None = None):
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> TracingState | None:
+        config = app.config
+        if not config["TRACING_ENABLED"]:
+            return None
+        if EXTENSION_KEY in app.extensions:
+            return app.extensions[EXTENSION_KEY]
+        if config.get("JAEGER_PORT"):
+            logger.warning(
+                "JAEGER_PORT is ignored: the Jaeger agent (UDP 6831) is replaced by OTLP; "
+                "set JAEGER_HOST or OTEL_EXPORTER_OTLP_ENDPOINT (http://host:4318)"
+            )
+        make_exporter = make_exporter_factory(config)
+        processor = ForkSafeBatchProcessor(make_exporter) if make_exporter else None
+        provider = TracerProvider(resource=make_resource(config), shutdown_on_exit=False)
+        if processor is not None:
+            provider.add_span_processor(processor)
+        state = TracingState(provider, processor, traces_endpoint(config) if make_exporter else None)
+        app.extensions[EXTENSION_KEY] = state
+        _live_states.add(state)
+        if processor is not None:
+            # An app that is thrown away (tests build dozens) must not leave its export thread behind.
+            weakref.finalize(state, stop_in_background, processor).atexit = False
+
+        FlaskInstrumentor.instrument_app(
+            app,
+            tracer_provider=provider,
+            excluded_urls=config["TRACING_EXCLUDED_URLS"],
+            enable_commenter=False,
+        )
+        self._quiet_excluded_requests(app, parse_excluded_urls(config["TRACING_EXCLUDED_URLS"]))
+        self._instrument_engines(app, state)
+        instrument_process()
+        add_trace_ids_to_service_logs()
+        logger.info("Tracing on: spans go to %s", state.endpoint or "no exporter")
+        return state
+
+    @staticmethod
+    def _quiet_excluded_requests(app: Flask, excluded) -> None:
+        """No spans at all while serving an excluded URL.
+
+        Without this, every readiness probe's SQL and Consul calls would
+        start a trace of their own (the request span they belong to is
+        the one excluded).
+        """
+
+        def quiet_if_excluded() -> None:
+            if excluded.url_disabled(request.url):
+                stack = ExitStack()
+                stack.enter_context(suppress_instrumentation())
+                g.tracing_quiet = stack
+
+        def end_quiet(error=None) -> None:
+            stack = g.pop("tracing_quiet", None)
+            if stack is not None:
+                stack.close()
+
+        app.before_request(quiet_if_excluded)
+        app.teardown_request(end_quiet)
+
+    @staticmethod
+    def _instrument_engines(app: Flask, state: TracingState) -> None:
+        """Trace the SQL of this app's own engines (never every engine in the process)."""
+        sqlalchemy = app.extensions.get("sqlalchemy")
+        if sqlalchemy is None:
+            return
+        with app.app_context():
+            engines = list(sqlalchemy.engines.values())
+        usage = metrics.get_meter(SQLALCHEMY_SCOPE).create_up_down_counter(
+            "db.client.connections.usage", unit="connections"
+        )
+        for engine in engines:
+            EngineTracer(state.tracer(SQLALCHEMY_SCOPE), engine, usage)
+
+    @staticmethod
+    def state(app: Flask | None = None) -> TracingState | None:
+        return (app or current_app).extensions.get(EXTENSION_KEY)
+
+    def provider(self, app: Flask | None = None) -> TracerProvider | None:
+        """The app's TracerProvider (None when tracing is off), e.g. to add a span processor."""
+        state = self.state(app)
+        return state.provider if state is not None else None
+
+    def span(self, name: str, **kwargs):
+        """Start a span (and make it current) with the tracer of the app in context."""
+        return ROUTING_PROVIDER.get_tracer(__name__).start_as_current_span(name, **kwargs)
+
+    def shutdown(self, app: Flask, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Flush and stop the app's exporter, within `timeout` seconds."""
+        state = self.state(app)
+        if state is not None:
+            state.shutdown(timeout)
+            _live_states.discard(state)
+
+
+def gunicorn_post_fork(server, worker) -> None:
+    """In a new gunicorn worker: give apps built before the fork their own export pipeline."""
+    for state in list(_live_states):
+        if state.processor is not None:
+            state.processor.after_fork()

@@ -1,0 +1,176 @@
+"""Rate limiting: limits, headers, exemptions, client keys, Redis and its absence."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+from tests.conftest import skip_or_fail
+
+LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_limit_headers_on_normal_responses(make_app, collection_url):
+    """Each limited response says the limit, what is left and when it resets; Retry-After only on refusals."""
+    client = make_app(RATELIMIT_DEFAULT="5 per minute").test_client()
+    remaining = []
+    for _ in range(3):
+        response = client.get(collection_url)
+        assert response.status_code == 200
+        assert response.headers["X-RateLimit-Limit"] == "5"
+        assert int(response.headers["X-RateLimit-Reset"]) > 0
+        assert "Retry-After" not in response.headers
+        remaining.append(response.headers["X-RateLimit-Remaining"])
+    assert remaining == ["4", "3", "2"]
+
+
+def test_over_the_limit_is_429_in_the_json_error_shape(make_app, collection_url):
+    """The request after the limit is a 429 with the JSON error body and a Retry-After in seconds."""
+    client = make_app(RATELIMIT_DEFAULT="2 per minute").test_client()
+    assert [client.get(collection_url).status_code for _ in range(2)] == [200, 200]
+    response = client.get(collection_url)
+    assert response.status_code == 429
+    assert response.content_type == "application/json"
+    error = response.get_json()["error"]
+    assert error["code"] == "rate_limited"
+    assert "2 per 1 minute" in error["message"]
+    assert error["details"] == {"limit": "2 per 1 minute"}
+    assert 0 < int(response.headers["Retry-After"]) <= 60
+    assert response.headers["X-RateLimit-Remaining"] == "0"
+
+
+def test_a_responses_own_retry_after_is_kept(make_app):
+    """A 503 saying Retry-After: 7 keeps its value; the limiter's Retry-After is only for 429s."""
+    app = make_app(RATELIMIT_DEFAULT="5 per minute")
+
+    @app.get("/busy")
+    def busy():
+        return {"error": {"code": "busy", "message": "Busy.", "details": {}}}, 503, {"Retry-After": "7"}
+
+    response = app.test_client().get("/busy")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "7"
+    assert response.headers["X-RateLimit-Limit"] == "5"
+
+
+def test_writes_have_their_own_tighter_limit(make_app, collection_url, new_item):
+    """RATELIMIT_WRITE applies to every write method on top of the default; reads are not affected."""
+    client = make_app(RATELIMIT_DEFAULT="100 per minute", RATELIMIT_WRITE="2 per minute").test_client()
+    created = [client.post(collection_url, json={**new_item, "name": f"item {n}"}) for n in range(2)]
+    assert [response.status_code for response in created] == [201, 201]
+    refused = client.post(collection_url, json={**new_item, "name": "one too many"})
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["details"] == {"limit": "2 per 1 minute"}
+    assert client.get(collection_url).status_code == 200
+
+    item_url = created[0].headers["Location"]
+    assert client.put(item_url, json={**new_item, "name": "renamed"}).status_code == 200
+    assert client.patch(item_url, json={"quantity": 9}).status_code == 200
+    assert client.delete(item_url).status_code == 429
+    assert client.get(item_url).status_code == 200
+
+
+def test_health_and_metrics_are_never_limited(make_app):
+    """Probes and scrapes are exempt: /health, /health/ready and /metrics never answer 429."""
+    client = make_app(RATELIMIT_DEFAULT="1 per minute").test_client()
+    for path in ("/health", "/health/ready", "/metrics"):
+        for _ in range(4):
+            response = client.get(path)
+            assert response.status_code != 429, path
+            assert "X-RateLimit-Limit" not in response.headers, path
+
+
+def test_forwarded_for_is_ignored_without_trusted_proxies(make_app, collection_url):
+    """With TRUSTED_PROXY_COUNT=0 a client cannot escape its limit by inventing X-Forwarded-For."""
+    client = make_app(RATELIMIT_DEFAULT="2 per minute", TRUSTED_PROXY_COUNT=0).test_client()
+    statuses = [
+        client.get(collection_url, headers={"X-Forwarded-For": f"203.0.113.{n}"}).status_code
+        for n in range(3)
+    ]
+    assert statuses == [200, 200, 429]
+
+
+def test_trusted_proxy_hop_identifies_the_client(make_app, collection_url):
+    """Behind one trusted proxy the client is the address that proxy appended, whatever came before it."""
+    client = make_app(RATELIMIT_DEFAULT="2 per minute", TRUSTED_PROXY_COUNT=1).test_client()
+    proxy = {"REMOTE_ADDR": "10.0.0.2"}
+
+    def get(forwarded_for: str) -> int:
+        return client.get(
+            collection_url, headers={"X-Forwarded-For": forwarded_for}, environ_base=proxy
+        ).status_code
+
+    # The same client, each time claiming a different origin in front of the real one.
+    assert [get(f"198.51.100.{n}, 203.0.113.7") for n in range(3)] == [200, 200, 429]
+    # Another client behind the same proxy has its own allowance.
+    assert get("203.0.113.8") == 200
+
+
+def test_apps_in_one_process_do_not_share_counters(make_app, collection_url):
+    """Each app has its own limiter: exhausting one leaves the other untouched."""
+    first = make_app(RATELIMIT_DEFAULT="1 per minute").test_client()
+    second = make_app(RATELIMIT_DEFAULT="1 per minute").test_client()
+    assert [first.get(collection_url).status_code for _ in range(2)] == [200, 429]
+    assert second.get(collection_url).status_code == 200
+
+
+def test_disabled_rate_limiting_limits_nothing(make_app, collection_url):
+    """RATELIMIT_ENABLED=false: no limits and no rate-limit headers."""
+    client = make_app(RATELIMIT_ENABLED=False, RATELIMIT_DEFAULT="1 per minute").test_client()
+    responses = [client.get(collection_url) for _ in range(3)]
+    assert [response.status_code for response in responses] == [200, 200, 200]
+    assert not any(header in responses[-1].headers for header in LIMIT_HEADERS)
+
+
+def test_unreachable_redis_falls_back_to_memory_limits(make_app, collection_url, caplog):
+    """Redis down: requests still succeed, limits hold per process, a warning is logged, readiness says so."""
+    app = make_app(
+        RATELIMIT_DEFAULT="2 per minute",
+        RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{closed_port()}/0",
+    )
+    client = app.test_client()
+    with caplog.at_level(logging.WARNING):
+        statuses = [client.get(collection_url).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    assert any("falling back to in-memory" in record.getMessage() for record in caplog.records)
+
+    ready = client.get("/health/ready")
+    storage = ready.get_json()["checks"]["rate_limit_storage"]
+    assert ready.status_code == 200
+    assert storage["status"] == "down"
+    assert storage["critical"] is False
+
+
+def test_limit_is_shared_across_instances_through_redis(make_app, collection_url):
+    """Two app instances on the same Redis share one counter per client, as replicas do in production."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    prefix = f"test-{uuid.uuid4().hex}"
+    settings = {
+        "RATELIMIT_DEFAULT": "3 per minute",
+        "RATELIMIT_STORAGE_URI": url,
+        "RATELIMIT_KEY_PREFIX": prefix,
+    }
+    first, second = make_app(**settings), make_app(**settings)
+    try:
+        assert first.test_client().get("/health/ready").get_json()["checks"]["rate_limit_storage"][
+            "status"
+        ] == "up", f"Redis at {url} does not answer"
+        one, two = first.test_client(), second.test_client()
+        statuses = [one.get(collection_url).status_code, two.get(collection_url).status_code]
+        statuses += [one.get(collection_url).status_code, two.get(collection_url).status_code]
+        assert statuses == [200, 200, 200, 429]
+        assert two.get(collection_url).headers["X-RateLimit-Remaining"] == "0"
+    finally:
+        storage = first.extensions["rate_limiting"].storage
+        for key in storage.storage.scan_iter(f"*{prefix}*"):
+            storage.storage.delete(key)

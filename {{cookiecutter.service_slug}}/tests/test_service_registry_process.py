@@ -1,0 +1,206 @@
+"""Registration by the process that serves: once per instance, gone on SIGTERM.
+
+Each test starts the real service in a subprocess against the Consul
+stand-in: `flask run`, `python main.py` and gunicorn with two workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.consul_stand_in import ConsulStandIn, free_port, wait_for
+
+PROJECT = Path(__file__).resolve().parent.parent
+EXITING = re.compile(r"Worker exiting \(pid: (\d+)\)")
+
+
+@pytest.fixture
+def consul():
+    stand_in = ConsulStandIn().start()
+    yield stand_in
+    stand_in.stop()
+
+
+def service_env(tmp_path, consul: ConsulStandIn, port: int) -> dict:
+    inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    return {
+        **inherited,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}",
+        "SERVICE_PORT": str(port),
+        "CONSUL_HOST": "127.0.0.1",
+        "CONSUL_PORT": str(consul.port),
+        "AUTO_REGISTER_SERVICE": "true",
+        "SERVICE_ADDRESS": "",
+        "SERVICE_ID": "",
+        "OTEL_TRACES_EXPORTER": "none",
+    }
+
+
+class Service:
+    """A service subprocess whose output (stdout and stderr) is collected line by line."""
+
+    def __init__(self, command: list[str], env: dict, port: int):
+        self.port = port
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def get_json(self, path: str) -> dict:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+
+    def readiness_check(self) -> dict | None:
+        try:
+            return self.get_json("/health/ready")["checks"]["service_registry"]
+        except OSError:
+            return None
+
+    def terminate(self, timeout: float = 15) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"did not stop on SIGTERM:\n{''.join(self.lines[-20:])}") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+COMMANDS = {
+    "flask run": lambda port: [sys.executable, "-m", "flask", "--app", "main", "run", "--host", "127.0.0.1", "--port", str(port)],
+    "python main.py": lambda port: [sys.executable, "main.py"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_development_server_registers_and_deregisters_on_sigterm(command, tmp_path, consul):
+    """`flask run` and `python main.py` register once at start-up and deregister on SIGTERM."""
+    port = free_port()
+    service = Service(COMMANDS[command](port), service_env(tmp_path, consul, port), port)
+    try:
+        [registration] = wait_for(consul.registrations, 30, "the service to register")
+        assert registration.body["port"] == port
+        if command == "flask run":
+            assert registration.body["address"] == "127.0.0.1"
+        check = wait_for(service.readiness_check, 15, "the service to answer /health/ready")
+        assert check["status"] == "up"
+        assert check["registered"] is True
+        service_id = registration.body["id"]
+
+        assert service.terminate() in (0, 128 + signal.SIGTERM)
+    finally:
+        service.kill()
+
+    assert [call.path for call in consul.deregistrations()] == [f"/v1/agent/service/deregister/{service_id}"]
+    assert len(consul.registrations()) == 1
+
+
+@pytest.mark.gunicorn
+def test_gunicorn_registers_once_and_survives_a_worker_exit(tmp_path, consul):
+    """Two workers, one registration; a recycled worker deregisters nothing; stopping gunicorn does."""
+    port = free_port()
+    env = {
+        **service_env(tmp_path, consul, port),
+        "GUNICORN_WORKERS": "2",
+        "GUNICORN_THREADS": "1",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),  # used when metrics are on
+    }
+    command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
+    service = Service(command, env, port)
+    try:
+        [registration] = wait_for(consul.registrations, 30, "gunicorn's master to register")
+        assert registration.body["port"] == port
+        assert registration.body["address"] == "127.0.0.1"
+        service_id = registration.body["id"]
+        # A worker's readiness asks the agent about the id the master registered.
+        check = wait_for(
+            lambda: (c := service.readiness_check()) and c["status"] == "up" and c,
+            20,
+            "a worker to see the registration",
+        )
+        assert check["service_id"] == service_id
+
+        # One worker fewer (TTOU): it exits as a recycled worker would, inheriting the
+        # master's registrar and its atexit hook, and must leave the instance registered.
+        os.kill(service.process.pid, signal.SIGTTOU)
+        exiting = wait_for(lambda: EXITING.findall("".join(service.lines)), 20, "a worker to exit")
+        wait_for(lambda: not process_exists(int(exiting[0])), 20, "the worker process to be gone")
+        time.sleep(0.3)
+        assert consul.deregistrations() == []
+        assert service_id in consul.services
+        assert service.get_json("/health")["status"] == "healthy"
+
+        assert service.terminate() == 0
+    finally:
+        service.kill()
+
+    assert [call.path for call in consul.deregistrations()] == [f"/v1/agent/service/deregister/{service_id}"]
+    assert len(consul.registrations()) == 1
+
+
+@pytest.mark.gunicorn
+def test_gunicorn_workers_all_serve_while_consul_is_down(tmp_path):
+    """With the master retrying an absent agent, every worker it forks starts and serves."""
+    port = free_port()
+    absent = ConsulStandIn()  # never started: nothing listens on its port
+    env = {
+        **service_env(tmp_path, absent, port),
+        "GUNICORN_WORKERS": "3",
+        "GUNICORN_THREADS": "1",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+    }
+    command = [
+        sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
+        "--access-logfile", "-", "--access-logformat", "served-by %(p)s",
+    ]
+    service = Service(command, env, port)
+    url = f"http://127.0.0.1:{port}/health"
+
+    def served_by() -> set[str]:
+        return {line.split()[1].strip("<>") for line in service.lines if line.startswith("served-by ")}
+
+    def burst():
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            list(pool.map(lambda _: urllib.request.urlopen(url, timeout=5).read(), range(12)))
+        return len(served_by()) == 3
+
+    try:
+        wait_for(service.readiness_check, 30, "gunicorn to serve")
+        check = service.readiness_check()
+        assert check["status"] == "down"  # not registered: reported, not fatal
+        assert check["critical"] is False
+        wait_for(burst, 30, "all three workers to serve")
+        assert any("Consul registration of" in line for line in service.lines)
+    finally:
+        service.kill()

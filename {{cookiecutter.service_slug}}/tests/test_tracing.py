@@ -1,0 +1,333 @@
+"""Tracing with OpenTelemetry, checked with an in-memory exporter."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from contextlib import contextmanager
+
+import pytest
+import requests
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from app.extensions import tracer
+from app.request_logging import configure_logging
+from common_utils import tracing
+from common_utils.tracing import (
+    TRACE_CONTEXT_FILTER,
+    BackoffExporter,
+    ForkSafeBatchProcessor,
+    traces_endpoint,
+)
+
+INCOMING_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+INCOMING_PARENT_ID = "b7ad6b7169203331"
+INCOMING = {"traceparent": f"00-{INCOMING_TRACE_ID}-{INCOMING_PARENT_ID}-01"}
+
+
+@pytest.fixture
+def traced(make_app):
+    """Build an app with tracing on whose spans are kept in memory (nothing is exported)."""
+
+    def build(**overrides):
+        app = make_app(TRACING_ENABLED=True, TRACING_EXPORTER="none", **overrides)
+        spans = InMemorySpanExporter()
+        tracer.provider(app).add_span_processor(SimpleSpanProcessor(spans))
+        return app, spans
+
+    return build
+
+
+@pytest.fixture
+def downstream():
+    """Another service on loopback that records the headers it receives."""
+    received = []
+
+    def wsgi(environ, start_response):
+        received.append(dict(Request(environ).headers))
+        return Response("ok")(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, wsgi, threaded=True)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", received
+    server.shutdown()
+    server.server_close()
+
+
+@contextmanager
+def captured_log_lines():
+    """What the service's JSON handler writes meanwhile, as parsed lines (after create_app)."""
+    root = logging.getLogger()
+    handler = next(h for h in root.handlers if getattr(h, "is_service_handler", False))
+    stream = io.StringIO()
+    original = handler.setStream(stream)
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        handler.setStream(original)
+
+
+def server_spans(spans: InMemorySpanExporter) -> list:
+    return [span for span in spans.get_finished_spans() if span.kind == SpanKind.SERVER]
+
+
+def status_code(span) -> int:
+    """The HTTP status, under the old or the new semantic-convention name."""
+    attributes = span.attributes
+    return attributes.get("http.response.status_code", attributes.get("http.status_code"))
+
+
+def hex_ids(span) -> tuple[str, str]:
+    return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
+
+
+def test_request_span_has_route_and_status(traced, collection_url, new_item):
+    """Each request is a SERVER span named by its route, with the route and the status code."""
+    app, spans = traced()
+    client = app.test_client()
+    item = client.post(collection_url, json=new_item).get_json()
+    spans.clear()
+
+    assert client.get(f"{collection_url}/{item['id']}").status_code == 200
+    assert client.get(f"{collection_url}/999999").status_code == 404
+
+    found, missing = server_spans(spans)
+    route = found.attributes["http.route"]
+    assert route.startswith(f"{collection_url}/<")
+    assert found.name == f"GET {route}"
+    assert status_code(found) == 200
+    assert status_code(missing) == 404
+    assert found.resource.attributes["service.name"] == app.config["SERVICE_NAME"]
+
+
+def test_sql_statements_are_child_spans_of_the_request(traced, collection_url):
+    """Each SQL statement a request runs is a CLIENT span under the request's span."""
+    app, spans = traced()
+    app.test_client().get(collection_url)
+
+    [request_span] = server_spans(spans)
+    sql = [span for span in spans.get_finished_spans() if span.kind == SpanKind.CLIENT]
+    assert sql, "the list endpoint runs SQL"
+    for span in sql:
+        statement = span.attributes.get("db.statement") or span.attributes.get("db.query.text")
+        assert "SELECT" in statement.upper()
+        assert span.parent.span_id == request_span.context.span_id
+        assert span.context.trace_id == request_span.context.trace_id
+
+
+def test_outgoing_request_carries_traceparent(traced, downstream):
+    """A `requests` call made while serving is a CLIENT span and sends a W3C traceparent for it."""
+    url, received = downstream
+    app, spans = traced()
+    app.add_url_rule("/calls-out", "calls_out", lambda: requests.get(url, timeout=5).text)
+
+    assert app.test_client().get("/calls-out").status_code == 200
+
+    [request_span] = server_spans(spans)
+    [outgoing] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert outgoing.parent.span_id == request_span.context.span_id
+    version, trace_id, span_id, flags = received[0]["Traceparent"].split("-")
+    assert (version, trace_id, span_id) == ("00", *hex_ids(outgoing))
+    assert int(flags, 16) & 1  # sampled
+
+
+def test_incoming_traceparent_is_continued(traced, collection_url):
+    """A caller's traceparent makes this service's span a child in the caller's trace."""
+    app, spans = traced()
+    app.test_client().get(collection_url, headers=INCOMING)
+
+    [request_span] = server_spans(spans)
+    assert f"{request_span.context.trace_id:032x}" == INCOMING_TRACE_ID
+    assert f"{request_span.parent.span_id:016x}" == INCOMING_PARENT_ID
+    assert request_span.parent.is_remote
+
+
+def test_two_apps_keep_their_spans_apart(traced, downstream, collection_url):
+    """Each app exports only its own spans, outgoing calls included (no shared global provider)."""
+    url, _ = downstream
+    first, first_spans = traced()
+    second, second_spans = traced()
+    first.add_url_rule("/calls-out", "calls_out", lambda: requests.get(url, timeout=5).text)
+
+    first.test_client().get("/calls-out")
+    second.test_client().get(collection_url)
+
+    assert {s.kind for s in first_spans.get_finished_spans()} == {SpanKind.SERVER, SpanKind.CLIENT}
+    assert [s.name for s in server_spans(second_spans)] == [f"GET {collection_url}"]
+    first_traces = {s.context.trace_id for s in first_spans.get_finished_spans()}
+    assert first_traces.isdisjoint({s.context.trace_id for s in second_spans.get_finished_spans()})
+
+
+def test_log_lines_carry_trace_and_span_ids(traced, collection_url):
+    """The JSON access line of a traced request has the request span's trace_id and span_id."""
+    app, spans = traced()
+    with captured_log_lines() as log_lines:
+        app.test_client().get(collection_url, headers=INCOMING)
+
+    [request_span] = server_spans(spans)
+    [access] = [line for line in log_lines() if line["logger"] == "access"]
+    assert (access["trace_id"], access["span_id"]) == hex_ids(request_span)
+    assert access["trace_id"] == INCOMING_TRACE_ID
+
+
+def test_trace_ids_survive_logging_reconfiguration(traced):
+    """Reconfiguring logging keeps the trace-id filter; lines outside a span carry nulls."""
+    traced()
+    configure_logging("INFO")
+    handler = next(h for h in logging.getLogger().handlers if getattr(h, "is_service_handler", False))
+    assert TRACE_CONTEXT_FILTER in handler.filters
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "outside a span", (), None)
+    assert TRACE_CONTEXT_FILTER.filter(record)
+    assert (record.trace_id, record.span_id) == (None, None)
+
+
+def test_health_probes_are_not_traced(traced):
+    """Probes (/health, /health/ready) leave no spans, not even for the SQL they run."""
+    app, spans = traced()
+    client = app.test_client()
+
+    assert client.get("/health").status_code == 200
+    client.get("/health/ready")
+
+    assert spans.get_finished_spans() == ()
+
+
+def test_resource_describes_the_instance(traced):
+    """Spans carry service.name, service.version, deployment.environment and an instance id."""
+    app, _ = traced(ENVIRONMENT="staging", SERVICE_VERSION="1.2.3")
+    attributes = tracer.provider(app).resource.attributes
+
+    assert attributes["service.name"] == app.config["SERVICE_NAME"]
+    assert attributes["service.version"] == "1.2.3"
+    assert attributes["deployment.environment"] == "staging"
+    assert len(attributes["service.instance.id"]) == 36
+    other, _ = traced()
+    assert tracer.provider(other).resource.attributes["service.instance.id"] != attributes["service.instance.id"]
+
+
+def test_otel_service_name_wins(traced, monkeypatch):
+    """OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES take precedence over the service's settings."""
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "renamed-by-otel")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=from-otel")
+    app, _ = traced()
+    attributes = tracer.provider(app).resource.attributes
+
+    assert attributes["service.name"] == "renamed-by-otel"
+    assert attributes["deployment.environment"] == "from-otel"
+
+
+def test_otel_traces_sampler_is_honoured(traced, collection_url, monkeypatch):
+    """OTEL_TRACES_SAMPLER decides what is recorded (here: nothing)."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    app, spans = traced()
+    assert app.test_client().get(collection_url).status_code == 200
+    assert spans.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"JAEGER_HOST": "jaeger.internal"}, "http://jaeger.internal:4318/v1/traces"),
+        (
+            {"JAEGER_HOST": "jaeger.internal", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"},
+            "http://collector:4318/v1/traces",
+        ),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://traces.example/otlp/v1/traces",
+            },
+            "https://traces.example/otlp/v1/traces",
+        ),
+    ],
+)
+def test_otel_endpoint_takes_precedence_over_jaeger_host(make_app, monkeypatch, env, expected):
+    """Spans go to JAEGER_HOST:4318 unless the standard OTEL_EXPORTER_OTLP_* variables say otherwise."""
+    for name in ("JAEGER_HOST", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    app = make_app(TRACING_ENABLED=True, TRACING_EXPORTER="otlp")
+
+    assert traces_endpoint(app.config) == expected
+    assert tracer.state(app).endpoint == expected
+    assert tracer.state(app).processor.exporter.inner._endpoint == expected
+    tracer.shutdown(app)
+
+
+def test_tracing_can_be_switched_off(make_app, collection_url):
+    """TRACING_ENABLED=false: no provider and requests still work."""
+    app = make_app(TRACING_ENABLED=False)
+    assert tracer.provider(app) is None
+    assert app.test_client().get(collection_url, headers=INCOMING).status_code == 200
+
+
+def test_unknown_exporter_is_refused(make_app):
+    """A typo in OTEL_TRACES_EXPORTER stops start-up with the allowed values."""
+    with pytest.raises(ValueError, match="otlp, console or none"):
+        make_app(TRACING_ENABLED=True, TRACING_EXPORTER="jaeger")
+
+
+def test_export_pipeline_is_rebuilt_in_a_forked_worker(monkeypatch):
+    """After a fork (gunicorn's post_fork) the worker gets its own exporter and batch thread."""
+    built = []
+
+    def make_exporter():
+        built.append(InMemorySpanExporter())
+        return built[-1]
+
+    processor = ForkSafeBatchProcessor(make_exporter)
+    inherited = processor._batch
+    monkeypatch.setattr(tracing.os, "getpid", lambda: -1)  # now "in the child"
+
+    processor.after_fork()
+    processor.after_fork()
+
+    assert len(built) == 2
+    assert processor.exporter is built[1]
+    assert processor._batch is not inherited
+    assert inherited._batch_processor._shutdown  # the master's copy is stopped, not left running
+
+
+class ScriptedExporter(SpanExporter):
+    """Answers each export with `result` and counts the batches it was really given."""
+
+    def __init__(self):
+        self.result = SpanExportResult.FAILURE
+        self.batches = 0
+
+    def export(self, spans):
+        self.batches += 1
+        return self.result
+
+
+def test_failed_exports_back_off_until_the_collector_answers():
+    """After a failure, batches are dropped unsent (not encoded) for 2 s, then 4 s...; a success resets it."""
+    now = [1000.0]
+    inner = ScriptedExporter()
+    exporter = BackoffExporter(inner, "http://collector:4318/v1/traces", clock=lambda: now[0])
+
+    assert exporter.export(["a", "b"]) is SpanExportResult.FAILURE
+    now[0] += 1.9
+    assert exporter.export(["c"]) is SpanExportResult.FAILURE
+    assert inner.batches == 1  # inside the first 2 s nothing is sent
+    now[0] += 0.2
+    exporter.export(["d"])
+    now[0] += 3.9
+    exporter.export(["e"])
+    assert inner.batches == 2  # tried again after 2 s, then waits 4 s
+    assert exporter.dropped == 5
+
+    inner.result = SpanExportResult.SUCCESS
+    now[0] += 0.2
+    assert exporter.export(["f"]) is SpanExportResult.SUCCESS
+    assert inner.batches == 3
+    assert (exporter.backoff, exporter.dropped) == (0.0, 0)
