@@ -37,6 +37,8 @@ class Feature:
     compose_services: tuple[str, ...] = ()
     #: Environment the service's own containers get in docker-compose.yml.
     environment: dict = field(default_factory=dict)
+    #: "named-volume:/path" mounts the service's own containers get in docker-compose.yml.
+    volumes: tuple[str, ...] = ()
     #: Names from MIGRATION_TABLES that the initial migration creates.
     tables: tuple[str, ...] = ()
     #: One line for the summary printed after generation.
@@ -85,6 +87,7 @@ FEATURES: tuple[Feature, ...] = (
         name="sqlite",
         when={"database": "sqlite"},
         environment={"DATABASE_URL": "sqlite:////app/data/{db_name}.db"},
+        volumes=("app-data:/app/data",),
         summary="SQLite",
     ),
     Feature(
@@ -554,7 +557,7 @@ def compose_document(context: dict) -> dict:
         conditions.update(extra or {})
         return conditions
 
-    data_volumes = ["app-data:/app/data"] if context["database"] == "sqlite" else []
+    data_volumes = [mount for feature in features for mount in feature.volumes]
     migrate = {
         "build": ".",
         "image": f"{slug}:latest",
@@ -592,8 +595,7 @@ def compose_document(context: dict) -> dict:
         services[name] = definition
 
     volumes = [COMPOSE_VOLUMES[name] for name in service_names if name in COMPOSE_VOLUMES]
-    if data_volumes:
-        volumes.append("app-data")
+    volumes += [mount.split(":", 1)[0] for mount in data_volumes]
     document = {"name": slug, "services": services}
     if volumes:
         document["volumes"] = {volume: {} for volume in volumes}

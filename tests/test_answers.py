@@ -108,7 +108,7 @@ def test_hostile_text_passes_ruff(hostile_project):
     assert result.returncode == 0, result.stdout
 
 
-def test_hostile_text_keeps_toml_and_yaml_valid(hostile_project):
+def test_hostile_text_keeps_pyproject_exact(hostile_project):
     """pyproject.toml keeps the author and description exactly."""
     project = tomllib.loads((hostile_project / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert project["description"] == HOSTILE["description"].replace("{% raw %}", "").replace("{% endraw %}", "")
