@@ -48,7 +48,7 @@ def render(output: Path) -> Path:
         str(TEMPLATE),
         no_input=True,
         output_dir=str(output),
-        extra_context={"database": "postgresql", "use_outbox": True, "outbox_transport": "rabbitmq"},
+        extra_context={"database": "postgresql", "outbox": "rabbitmq"},
     )
     [project] = [path for path in output.iterdir() if path.is_dir()]
     return project

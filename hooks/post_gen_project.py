@@ -30,6 +30,7 @@ class Feature:
 
     name: str
     #: Answers that must all hold for the feature to be on; empty means always on.
+    #: A tuple of values means "any one of these".
     when: dict = field(default_factory=dict)
     #: Files and folders (relative to the project root) that only this feature uses.
     files: tuple[str, ...] = ()
@@ -48,7 +49,12 @@ class Feature:
     incompatible: tuple[tuple[dict, str], ...] = ()
 
     def is_enabled(self, context: dict) -> bool:
-        return all(context.get(key) == value for key, value in self.when.items())
+        return all(matches(context.get(key), value) for key, value in self.when.items())
+
+
+def matches(answer, expected) -> bool:
+    """An answer satisfies a `when` value: equal to it, or one of a tuple of values."""
+    return answer in expected if isinstance(expected, tuple) else answer == expected
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -168,7 +174,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="outbox",
-        when={"use_outbox": True},
+        when={"outbox": ("rabbitmq", "in_process")},
         files=(
             "common_utils/outbox.py",
             "common_utils/outbox_relay.py",
@@ -187,7 +193,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="outbox_rabbitmq",
-        when={"use_outbox": True, "outbox_transport": "rabbitmq"},
+        when={"outbox": "rabbitmq"},
         files=("common_utils/outbox_rabbitmq.py", "tests/test_outbox_rabbitmq.py"),
         compose_services=("rabbitmq",),
         environment={

@@ -93,6 +93,17 @@ def combination_id(answers: dict) -> str:
     return "-".join(parts)
 
 
+def extreme_answer(values: list, on: bool):
+    """A question's answer in the all-on (`on`) or all-off project.
+
+    Toggles take `on`; a choice takes its default, except that all-off takes
+    its "none" value when it has one (the outbox question).
+    """
+    if isinstance(values[0], bool):
+        return on
+    return "none" if not on and "none" in values else values[0]
+
+
 def covering_set() -> list[dict]:
     """Every pair of answer values at least once, plus all-on and all-off per database.
 
@@ -113,10 +124,7 @@ def covering_set() -> list[dict]:
     databases = questions.get("database", [None])
     for database in databases:
         for value in (True, False):
-            extreme = {
-                key: (value if isinstance(values[0], bool) else values[0])
-                for key, values in questions.items()
-            }
+            extreme = {key: extreme_answer(values, value) for key, values in questions.items()}
             if database is not None:
                 extreme["database"] = database
             chosen.append(make_possible(extreme))

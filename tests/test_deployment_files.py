@@ -654,13 +654,13 @@ def check_manifests(resources: list[dict], overlay: str, answers: dict, where: s
         assert "METRICS_ENABLED" not in config, where
 
     relay = found.get(("Deployment", f"{slug}-outbox-relay"))
-    assert (relay is not None) == bool(answers.get("use_outbox")), where
+    assert (relay is not None) == answers.get("outbox", "none") != "none", where
     if relay is not None:
         assert pod_specs(relay)[0]["containers"][0]["command"][:3] == ["flask", "outbox", "relay"], where
     assert ("CONSUL_HOST" in config) == bool(answers.get("use_service_registry")), where
     assert ("OTEL_EXPORTER_OTLP_ENDPOINT" in config) == bool(answers.get("use_tracing")), where
     assert ("RATELIMIT_STORAGE_URI" in env_names(app)) == bool(answers.get("use_rate_limiting")), where
-    rabbitmq = bool(answers.get("use_outbox")) and answers.get("outbox_transport") == "rabbitmq"
+    rabbitmq = answers.get("outbox") == "rabbitmq"
     assert ("AMQP_URL" in env_names(app)) == rabbitmq, where
 
 

@@ -170,14 +170,14 @@ class Config:
             "OTEL_PYTHON_FLASK_EXCLUDED_URLS", r"/health$,/health/ready$,/metrics$"
         )
 {%- endif %}
-{%- if cookiecutter.use_outbox %}
+{%- if cookiecutter.outbox != "none" %}
 
         # Transactional outbox. OUTBOX_PROCESSING_INTERVAL is the longest idle
         # wait between polls: PostgreSQL NOTIFY and commits in the same process
         # wake the relay at once, and it polls again at once after a full batch.
         self.OUTBOX_ENABLED = env.bool("OUTBOX_ENABLED", True)
         self.OUTBOX_RELAY_IN_APP = env.bool("OUTBOX_RELAY_IN_APP", True)
-        self.OUTBOX_TRANSPORT = env.str("OUTBOX_TRANSPORT", {{ cookiecutter.outbox_transport | py_string }})
+        self.OUTBOX_TRANSPORT = env.str("OUTBOX_TRANSPORT", {{ cookiecutter.outbox | py_string }})
         self.OUTBOX_PROCESSING_INTERVAL = env.float("OUTBOX_PROCESSING_INTERVAL", 1.0)
         self.OUTBOX_MIN_POLL_INTERVAL = env.float("OUTBOX_MIN_POLL_INTERVAL", 0.05)
         self.OUTBOX_MAX_RETRY = env.int("OUTBOX_MAX_RETRY", 5)
@@ -191,7 +191,7 @@ class Config:
         self.OUTBOX_CLEANUP_INTERVAL = env.float("OUTBOX_CLEANUP_INTERVAL", 300.0)
         # /health/ready reports the outbox as down when its oldest pending event is older.
         self.OUTBOX_MAX_LAG = env.float("OUTBOX_MAX_LAG", 60.0)
-{%- if cookiecutter.outbox_transport == "rabbitmq" %}
+{%- if cookiecutter.outbox == "rabbitmq" %}
         self.AMQP_URL = self.secret(env, "AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
         self.OUTBOX_EXCHANGE = env.str("OUTBOX_EXCHANGE", self.SERVICE_NAME)
         self.OUTBOX_PUBLISH_TIMEOUT = env.float("OUTBOX_PUBLISH_TIMEOUT", 10.0)

@@ -1,7 +1,7 @@
 """The WSGI entry point: `gunicorn main:app` in containers, `flask run` locally."""
 
 from app import create_app
-{%- if cookiecutter.use_outbox %}
+{%- if cookiecutter.outbox != "none" %}
 from app.events import processor as outbox_processor
 {%- endif %}
 {%- if cookiecutter.use_service_registry %}
@@ -9,7 +9,7 @@ from app.extensions import service_registry
 {%- endif %}
 
 app = create_app()
-{%- if cookiecutter.use_outbox %}
+{%- if cookiecutter.outbox != "none" %}
 # The guide's outbox relay thread, once per serving process (each gunicorn
 # worker): started by the first request, so commands that import this module
 # (`flask db upgrade`, `flask outbox relay`) run no relay thread of their own.

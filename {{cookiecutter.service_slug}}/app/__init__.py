@@ -95,7 +95,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     metrics.init_app(app)  # last: it instruments the routes registered above
 {%- endif %}
-{%- if cookiecutter.use_outbox %}
+{%- if cookiecutter.outbox != "none" %}
 
     # Imported here: app.events needs the models, and common_utils.outbox
     # (which the models use) may be what imported this package.

@@ -13,7 +13,7 @@ from sqlalchemy import DateTime, Numeric, String, Text, TypeDecorator
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
-{%- if cookiecutter.use_outbox %}
+{%- if cookiecutter.outbox != "none" %}
 from common_utils.outbox import OutboxMixin
 {%- endif %}
 
@@ -48,7 +48,7 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
-class {{ cookiecutter.__resource_class }}({% if cookiecutter.use_outbox %}OutboxMixin, {% endif %}db.Model):
+class {{ cookiecutter.__resource_class }}({% if cookiecutter.outbox != "none" %}OutboxMixin, {% endif %}db.Model):
     __tablename__ = "{{ cookiecutter.resource_plural }}"
 
     id: Mapped[int] = mapped_column(primary_key=True)
