@@ -176,9 +176,7 @@ FEATURES: tuple[Feature, ...] = (
         name="outbox",
         when={"outbox": ("rabbitmq", "in_process")},
         files=(
-            "common_utils/outbox.py",
-            "common_utils/outbox_relay.py",
-            "common_utils/idempotency.py",
+            "common_utils/outbox",
             "app/events.py",
             "tests/outbox_support.py",
             "tests/test_outbox.py",
@@ -194,7 +192,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         name="outbox_rabbitmq",
         when={"outbox": "rabbitmq"},
-        files=("common_utils/outbox_rabbitmq.py", "tests/test_outbox_rabbitmq.py"),
+        files=("common_utils/outbox/rabbitmq.py", "tests/test_outbox_rabbitmq.py"),
         compose_services=("rabbitmq",),
         environment={
             "AMQP_URL": "amqp://${RABBITMQ_USER:-app}:${RABBITMQ_PASSWORD:-app}@rabbitmq:5672/%2F"

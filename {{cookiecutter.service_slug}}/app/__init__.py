@@ -15,6 +15,9 @@ from app import errors, request_logging, security
 {%- if not cookiecutter.use_api_versioning %}
 from app.api import register_{{ cookiecutter.resource_name }}_routes
 {%- endif %}
+{%- if cookiecutter.outbox != "none" %}
+from app.events import processor as outbox_processor
+{%- endif %}
 from app.extensions import (
     ServiceApi,
 {%- if cookiecutter.use_circuit_breaker %}
@@ -96,10 +99,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     metrics.init_app(app)  # last: it instruments the routes registered above
 {%- endif %}
 {%- if cookiecutter.outbox != "none" %}
-
-    # Imported here: app.events needs the models, and common_utils.outbox
-    # (which the models use) may be what imported this package.
-    from app.events import processor as outbox_processor
 
     outbox_processor.init_app(app)  # after metrics, whose registry gets the outbox series
 {%- endif %}

@@ -2,12 +2,13 @@
 
 from flask_migrate import Migrate
 from flask_smorest import Api
-from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import MetaData
 
 from app.errors import ErrorResponseSchema
 {%- if cookiecutter.use_circuit_breaker %}
 from common_utils.circuit_breaker import CircuitBreakers
+{%- endif %}
+from common_utils.database import db as db  # declared there, imported by the app from here
+{%- if cookiecutter.use_circuit_breaker %}
 from common_utils.http_client import ServiceClients
 {%- endif %}
 {%- if cookiecutter.use_metrics %}
@@ -26,16 +27,6 @@ from common_utils.tracing import Tracer
 from common_utils.versioning import VersionedAPI
 {%- endif %}
 
-# Deterministic constraint names, so migrations can refer to (and drop) them
-# on every database, and `flask db check` compares like with like.
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
 
 class ServiceApi(Api):
     """flask-smorest's Api, documenting errors in this service's JSON shape.
@@ -48,7 +39,6 @@ class ServiceApi(Api):
     ERROR_SCHEMA = ErrorResponseSchema
 
 
-db = SQLAlchemy(metadata=MetaData(naming_convention=NAMING_CONVENTION))
 # render_as_batch lets Alembic alter SQLite tables; compare_type makes
 # `flask db check` see column type changes, not only added/removed columns.
 migrate = Migrate(render_as_batch=True, compare_type=True)

@@ -16,9 +16,9 @@ from sqlalchemy import select
 from app.events import processor
 from app.extensions import db
 from app.models import {{ cookiecutter.__resource_class }}
-from common_utils.idempotency import ProcessedMessage, idempotent_consumer
 from common_utils.outbox import FAILED, PENDING, PROCESSED, OutboxEvent, utcnow
-from common_utils.outbox_relay import OutboxSettings, backoff_delay
+from common_utils.outbox.consumer import ProcessedMessage, idempotent_consumer
+from common_utils.outbox.relay import OutboxSettings, backoff_delay
 from tests.outbox_support import (
     Recorder,
     check_once_and_in_order,

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 
 from app.extensions import db
-from common_utils.idempotency import idempotent_consumer
+from common_utils.outbox.consumer import idempotent_consumer
 from tests.outbox_support import PROJECT, PYTHON, count_pending, subprocess_env, write_streams
 
 ROUNDS = 6

@@ -25,9 +25,9 @@ import pytest
 
 from app.events import processor
 from app.extensions import db
-from common_utils.idempotency import idempotent_consumer
 from common_utils.outbox import PENDING, PROCESSED, OutboxEvent
-from common_utils.outbox_relay import TransportUnavailable
+from common_utils.outbox.consumer import idempotent_consumer
+from common_utils.outbox.transport import TransportUnavailable
 from tests.conftest import skip_or_fail
 from tests.outbox_support import (
     PROJECT,

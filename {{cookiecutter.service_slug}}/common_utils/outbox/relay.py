@@ -49,8 +49,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from common_utils.health import add_readiness_check
-from common_utils.idempotency import ProcessedMessage
-from common_utils.outbox import (
+from common_utils.outbox.consumer import ProcessedMessage
+from common_utils.outbox.model import (
     FAILED,
     NOTIFY_CHANNEL,
     PENDING,
@@ -59,26 +59,13 @@ from common_utils.outbox import (
     register_waker,
     utcnow,
 )
+from common_utils.outbox.transport import SKIPPED, TransportUnavailable
 
 logger = logging.getLogger(__name__)
 
 EXTENSION_KEY = "outbox"
 TRANSPORTS = ("rabbitmq", "in_process")
 MAX_ERROR_LENGTH = 2000
-
-
-class TransportUnavailable(Exception):
-    """The broker cannot be reached: the batch waits, no retry is counted."""
-
-
-class Skipped:
-    """A result meaning "not attempted": the event stays pending, unchanged."""
-
-    def __repr__(self) -> str:
-        return "SKIPPED"
-
-
-SKIPPED = Skipped()
 
 
 class InProcessTransport:
@@ -134,7 +121,7 @@ class InProcessTransport:
 def make_transport(state: OutboxState):
     if state.transport_name == "in_process":
         return InProcessTransport(state.processor, state.app)
-    from common_utils.outbox_rabbitmq import RabbitMQTransport
+    from common_utils.outbox.rabbitmq import RabbitMQTransport
 
     config = state.app.config
     return RabbitMQTransport(
@@ -177,7 +164,7 @@ class OutboxSettings:
         transport = config.get("OUTBOX_TRANSPORT", "in_process")
         if transport not in TRANSPORTS:
             raise ValueError(f"OUTBOX_TRANSPORT must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
-        if transport == "rabbitmq" and importlib.util.find_spec("common_utils.outbox_rabbitmq") is None:
+        if transport == "rabbitmq" and importlib.util.find_spec("common_utils.outbox.rabbitmq") is None:
             raise ValueError("OUTBOX_TRANSPORT=rabbitmq: this project was generated without the RabbitMQ transport")
         return cls(
             enabled=config.get("OUTBOX_ENABLED", True),

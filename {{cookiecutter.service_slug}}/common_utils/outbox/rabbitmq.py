@@ -28,7 +28,7 @@ import pika
 from pika.exceptions import AMQPError
 from pika.spec import Basic
 
-from common_utils.outbox_relay import TransportUnavailable
+from common_utils.outbox.transport import TransportUnavailable
 
 logger = logging.getLogger(__name__)
 # pika logs every failed connection attempt at ERROR, several lines each; this

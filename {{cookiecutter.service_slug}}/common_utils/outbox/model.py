@@ -4,7 +4,7 @@ A service that changes a row and then publishes "it changed" to a broker
 can crash between the two, or publish for a transaction that then rolls
 back. Here the event is a row of `outbox_events`, inserted by the same
 database transaction as the change, so it exists exactly when the change
-was committed. A relay (common_utils/outbox_relay.py) then publishes the
+was committed. A relay (common_utils/outbox/relay.py) then publishes the
 rows and marks them processed only once the broker has confirmed them.
 
 The names are the migration guide's: `OutboxEvent` (with
@@ -41,6 +41,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from common_utils.database import db
 
 try:  # the OpenTelemetry API is there when tracing is on; the outbox works without it
     from opentelemetry import propagate as otel_propagate
@@ -302,7 +304,7 @@ class OutboxProcessor:
         return decorator
 
     def init_app(self, app: Flask) -> None:
-        from common_utils.outbox_relay import init_outbox
+        from common_utils.outbox.relay import init_outbox
 
         init_outbox(app, self)
 
@@ -316,14 +318,6 @@ class OutboxProcessor:
 
     def state(self, app: Flask | None = None):
         return (app or current_app).extensions["outbox"]
-
-
-# -- the model -------------------------------------------------------------------
-# Imported here, not at the top: app/models.py imports OutboxMixin from this
-# module, and importing app.extensions first runs app/__init__.py, which
-# imports app/models.py. With everything above already defined, importing
-# this module first (a script, a worker) works as well as importing the app first.
-from app.extensions import db  # noqa: E402
 
 
 class OutboxEvent(db.Model):

@@ -21,8 +21,8 @@ from sqlalchemy import String
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import db
-from common_utils.outbox import UTCTimestamp, utcnow
+from common_utils.database import db
+from common_utils.outbox.model import UTCTimestamp, utcnow
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,38 @@
+"""The transactional outbox, one module per job.
+
+- model: the OutboxEvent table, OutboxMixin and the session hooks that
+  write events in the writer's own transaction;
+- relay: claims due events, hands them to a transport, marks the outcome;
+- transport: the contract between the relay and a transport;
+- rabbitmq: the RabbitMQ transport (publisher confirms);
+- consumer: idempotent consumers (ProcessedMessage).
+
+The migration guide's names are importable from here.
+"""
+
+from common_utils.outbox.consumer import ProcessedMessage, idempotent_consumer
+from common_utils.outbox.model import (
+    FAILED,
+    PENDING,
+    PROCESSED,
+    OutboxEvent,
+    OutboxMixin,
+    OutboxProcessor,
+    continue_trace,
+    event_values,
+    utcnow,
+)
+
+__all__ = [
+    "FAILED",
+    "PENDING",
+    "PROCESSED",
+    "OutboxEvent",
+    "OutboxMixin",
+    "OutboxProcessor",
+    "ProcessedMessage",
+    "continue_trace",
+    "event_values",
+    "idempotent_consumer",
+    "utcnow",
+]
