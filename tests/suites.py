@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.combinations import TEMPLATE, combination_id
+from tests.project_checks import third_party_imports
+from tests.rendering import read_tree
 
 WORK = TEMPLATE / ".cache" / "suites"
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -68,7 +70,8 @@ class Suite:
 
     def __post_init__(self):
         if not self.name:
-            self.name = f"py{self.answers.get('python_version', '')}-{combination_id(self.answers)}"
+            matrix_answers = {key: value for key, value in self.answers.items() if key != "python_version"}
+            self.name = f"py{self.answers.get('python_version', '')}-{combination_id(matrix_answers)}"
 
 
 @dataclass
@@ -145,12 +148,8 @@ def build_venv(project: Path, python: str) -> Path:
     return venv
 
 
-def missing_imports(project: Path, venv: Path) -> list[str]:
-    """Packages the project's code imports that its own requirements do not install."""
-    from tests.project_checks import third_party_imports
-    from tests.rendering import read_tree
-
-    imports = third_party_imports(read_tree(project, {}, {}))
+def missing_imports(imports: dict[str, list[str]], venv: Path) -> list[str]:
+    """Packages the project's code imports (name -> where) that its own requirements did not install."""
     probe = subprocess.run(
         [
             str(venv / "bin" / "python"),
@@ -305,6 +304,39 @@ def slowest(output: str) -> list[tuple[float, str]]:
     return [(float(seconds), name) for seconds, name in re.findall(r"^(\d+\.\d+)s (?:call|setup|teardown)\s+(\S+)", output, re.M)]
 
 
+@dataclass
+class Run:
+    """One `make test` of a project: what it printed, pytest's report, its CPU time."""
+
+    returncode: int
+    output: str
+    report: Path
+    log: Path
+    cpu: float
+
+    @property
+    def slowest(self) -> list[tuple[float, str]]:
+        return slowest(self.output)
+
+    def judge(self) -> tuple[int, int]:
+        try:
+            return judge(self.returncode, self.output, self.report)
+        except SuiteFailed as failure:
+            tail = "\n".join(self.output.splitlines()[-25:])
+            raise SuiteFailed(f"{failure}\n--- last lines of {self.log} ---\n{tail}") from None
+
+
+def make_test(project: Path, database_url: str | None, workdir: Path) -> Run:
+    """`make test` in the project, once, with the real services' URLs and pytest's junit report."""
+    report = workdir / "junit.xml"
+    log = workdir / "make-test.log"
+    report.unlink(missing_ok=True)
+    returncode, cpu = run_counted(
+        ["make", "--no-print-directory", "test"], project, suite_environment(database_url, report), log, SUITE_TIMEOUT
+    )
+    return Run(returncode, log.read_text(encoding="utf-8", errors="replace"), report, log, cpu)
+
+
 def run_suite(suite: Suite, workdir: Path) -> Outcome:
     """Render, build the venv, check imports, run `make test` once, judge it."""
     outcome = Outcome(suite)
@@ -324,26 +356,21 @@ def run_suite(suite: Suite, workdir: Path) -> Outcome:
         if suite.answers.get("python_version") and version != suite.answers["python_version"]:
             raise SuiteFailed(f"pyproject.toml declares {version}, the answer was {suite.answers['python_version']}")
         outcome.python = version
+        imports = third_party_imports(read_tree(project, {}, {}))
         venv = build_venv(project, find_python(version))
         lap("venv")
-        missing = missing_imports(project, venv)
+        missing = missing_imports(imports, venv)
         if missing:
             raise SuiteFailed("the code imports packages its requirements do not install: " + "; ".join(missing))
-        report = workdir / "junit.xml"
-        log = workdir / "make-test.log"
         with fresh_database(suite.answers["database"]) as database_url:
-            returncode, outcome.cpu = run_counted(
-                ["make", "--no-print-directory", "test"], project, suite_environment(database_url, report), log, SUITE_TIMEOUT
-            )
+            result = make_test(project, database_url, workdir)
         lap("suite")
-        output = log.read_text(encoding="utf-8", errors="replace")
-        outcome.slowest = slowest(output)
+        outcome.slowest, outcome.cpu = result.slowest, result.cpu
         try:
-            outcome.passed, outcome.collected = judge(returncode, output, report)
-        except SuiteFailed as failure:
+            outcome.passed, outcome.collected = result.judge()
+        except SuiteFailed:
             keep = True
-            tail = "\n".join(output.splitlines()[-25:])
-            raise SuiteFailed(f"{failure}\n--- last lines of {log} ---\n{tail}") from None
+            raise
     except Unavailable as missing_service:
         outcome.unavailable = str(missing_service)
     except SuiteFailed as failure:
