@@ -52,6 +52,7 @@ class Import:
     names: tuple[str, ...]  # for `from module import a, b`; () for `import module`
     optional: bool  # inside try/except ImportError, or a dynamic find_spec/import_module
     line: int
+    at_load: bool = True  # runs when the module is loaded (not inside a function)
 
 
 @dataclass
@@ -83,6 +84,14 @@ def _handler_catches_import_errors(handler: ast.ExceptHandler) -> bool:
     return any(isinstance(t, ast.Name) and t.id in IMPORT_ERRORS for t in types)
 
 
+def _suppresses_import_errors(expression) -> bool:
+    """`contextlib.suppress(ImportError)` and the like."""
+    if not isinstance(expression, ast.Call):
+        return False
+    name = expression.func.attr if isinstance(expression.func, ast.Attribute) else getattr(expression.func, "id", "")
+    return name == "suppress" and any(isinstance(arg, ast.Name) and arg.id in IMPORT_ERRORS for arg in expression.args)
+
+
 @cache
 def analyse(source: str, package: str) -> ModuleInfo:
     """Imports, module-level names, tables and string constants of one source file."""
@@ -96,22 +105,26 @@ def analyse(source: str, package: str) -> ModuleInfo:
         base = base[: len(base) - node.level + 1] if node.level > 1 else base
         return ".".join([*base, *([node.module] if node.module else [])])
 
-    def visit(node, optional: bool, module_level: bool):
+    def visit(node, optional: bool, module_level: bool, in_body: bool = True):
+        if isinstance(node, ast.With) and any(_suppresses_import_errors(item.context_expr) for item in node.items):
+            for child in node.body:
+                visit(child, True, module_level, in_body)
+            return
         if isinstance(node, ast.Try):
             guarded = optional or any(_handler_catches_import_errors(h) for h in node.handlers)
             for child in node.body:
-                visit(child, guarded, module_level)
+                visit(child, guarded, module_level, in_body)
             for child in [*node.handlers, *node.orelse, *node.finalbody]:
-                visit(child, optional, module_level)
+                visit(child, optional, module_level, in_body)
             return
         if isinstance(node, ast.Import):
             for alias in node.names:
-                info.imports.append(Import(alias.name, (), optional, node.lineno))
+                info.imports.append(Import(alias.name, (), optional, node.lineno, in_body))
                 if module_level:
                     info.bound.add((alias.asname or alias.name).split(".")[0])
         elif isinstance(node, ast.ImportFrom):
             names = tuple(alias.name for alias in node.names)
-            info.imports.append(Import(resolve(node), names, optional, node.lineno))
+            info.imports.append(Import(resolve(node), names, optional, node.lineno, in_body))
             if module_level:
                 if "*" in names:
                     info.open_namespace = True
@@ -146,8 +159,9 @@ def analyse(source: str, package: str) -> ModuleInfo:
         nested_module_level = module_level and not isinstance(
             node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
         )
+        runs_later = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
         for child in ast.iter_child_nodes(node):
-            visit(child, optional, nested_module_level)
+            visit(child, optional, nested_module_level, in_body and not runs_later)
 
     for statement in tree.body:
         visit(statement, False, True)
@@ -155,7 +169,12 @@ def analyse(source: str, package: str) -> ModuleInfo:
 
 
 def python_files(project) -> dict[str, str]:
-    return {path: project.text(path) for path in project.files if path.endswith(".py")}
+    return {path: decoded(data) for path, data in project.files.items() if path.endswith(".py")}
+
+
+@cache
+def decoded(data: bytes) -> str:
+    return data.decode("utf-8")
 
 
 def project_modules(project) -> dict[str, str]:
@@ -189,25 +208,29 @@ def entry_points(project) -> list[str]:
     return entries
 
 
-def command_texts(project):
-    """The non-Python text files, where commands are written (Dockerfile, Makefile, manifests, ...)."""
-    for path, data in project.files.items():
-        if path.endswith(".py"):
-            continue
-        try:
-            yield data.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-
-
 def python_scripts(project) -> set[str]:
-    """Files run as `python path/to/file.py` by a command."""
-    return {match.removeprefix("./") for text in command_texts(project) for match in PYTHON_SCRIPT.findall(text)}
+    """Files run as `python path/to/file.py` by a command (Dockerfile, Makefile, manifests, ...)."""
+    return {
+        match.removeprefix("./")
+        for path, data in project.files.items()
+        if not path.endswith(".py")
+        for match in commands_in(data)[1]
+    }
+
+
+@cache
+def commands_in(data: bytes) -> tuple[frozenset[str], frozenset[str]]:
+    """(`python -m` modules, `python file.py` scripts) named in one non-Python file."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return frozenset(), frozenset()
+    return frozenset(PYTHON_M.findall(text)), frozenset(PYTHON_SCRIPT.findall(text))
 
 
 def python_m_modules(project) -> set[str]:
     """Modules named by `python -m <module>` in any text file (Dockerfile, manifests, Makefile, ...)."""
-    return {match for text in command_texts(project) for match in PYTHON_M.findall(text)}
+    return {match for path, data in project.files.items() if not path.endswith(".py") for match in commands_in(data)[0]}
 
 
 def package_of(path: str) -> str:
@@ -281,13 +304,19 @@ def import_problems(project) -> list[str]:
 
 
 def third_party_imports(project) -> dict[str, list[str]]:
-    """Top-level names of non-optional imports that are neither the project's nor the standard library's."""
+    """Top-level names of the packages the project imports when a module loads.
+
+    Not the project's own, not the standard library's, not inside try/except
+    ImportError, and not inside a function: code such as `from prometheus_client
+    import Gauge` in a function that runs only when metrics are on is the
+    suite's to exercise, not a requirement of every render.
+    """
     roots = first_party_roots(project)
     found: dict[str, list[str]] = {}
     for path, info in infos(project).items():
         for item in info.imports:
             top = item.module.split(".")[0]
-            if not top or item.optional or top in roots or top in sys.stdlib_module_names or top == "__future__":
+            if not top or item.optional or not item.at_load or top in roots or top in sys.stdlib_module_names:
                 continue
             found.setdefault(top, []).append(f"{path}:{item.line}")
     return found
@@ -301,8 +330,23 @@ def settings_read(project) -> set[str]:
     names: set[str] = set()
     for path, source in python_files(project).items():
         if not path.startswith("tests/"):
-            names.update(SETTING_NAME.findall(source))
+            names.update(settings_in(source))
     return names
+
+
+@cache
+def settings_in(source: str) -> frozenset[str]:
+    return frozenset(SETTING_NAME.findall(source))
+
+
+@cache
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def load_yaml(text: str):
+    """A YAML document, parsed once per distinct text (callers must not change it)."""
+    return _load_yaml(text)
 
 
 # --- docker-compose.yml -----------------------------------------------------------------
@@ -335,7 +379,7 @@ def compose_problems(project) -> list[str]:
     """Every host a compose environment names is a healthy, awaited service; every service is used."""
     if "docker-compose.yml" not in project.files:
         return ["docker-compose.yml is missing"]
-    document = yaml.safe_load(project.text("docker-compose.yml"))
+    document = load_yaml(project.text("docker-compose.yml"))
     services = document.get("services") or {}
     problems = []
     own = {name for name, service in services.items() if "build" in service}
@@ -441,7 +485,7 @@ def workflow_problems(project) -> list[str]:
     path = ".github/workflows/ci.yml"
     if path not in project.files:
         return [f"{path} is missing"]
-    workflow = yaml.safe_load(project.text(path))
+    workflow = load_yaml(project.text(path))
     read_by_tests = {
         name
         for file, source in python_files(project).items()
@@ -482,7 +526,7 @@ def workflow_problems(project) -> list[str]:
                 used_services.add(service)
         for service in sorted(set(published.values()) - used_services):
             problems.append(f"{path}: job {name} starts {service}, which no test URL points at")
-        compose = yaml.safe_load(project.get("docker-compose.yml") or "{}") or {}
+        compose = load_yaml(project.get("docker-compose.yml") or "{}") or {}
         database_urls = {
             str(value)
             for service in (compose.get("services") or {}).values()

@@ -1,5 +1,9 @@
 """Run a generated project's own test suite the way its README says, and judge it strictly.
 
+Everything here runs in background threads while the main thread renders the
+matrix (and changes directory to do so): every path is absolute and every
+subprocess gets an explicit cwd.
+
 For each project: render it with the real cookiecutter (a subprocess, as a
 user would), build ITS OWN virtualenv from ITS OWN requirements-dev.txt on the
 Python version its pyproject.toml declares (uv, from uv's package cache, so a
@@ -98,6 +102,7 @@ def find_python(version: str) -> str:
     for candidate in filter(None, candidates):
         probe = subprocess.run(
             [candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            cwd=TEMPLATE,
             capture_output=True,
             text=True,
             check=False,
@@ -133,7 +138,7 @@ def build_venv(project: Path, python: str) -> Path:
     """The project's own .venv from its own requirements-dev.txt, as `make install` would build it."""
     venv = project / ".venv"
     run = {"capture_output": True, "text": True, "env": uv_environment(), "check": False}
-    created = subprocess.run([uv(), "venv", "--quiet", "--python", python, str(venv)], **run)
+    created = subprocess.run([uv(), "venv", "--quiet", "--python", python, str(venv)], cwd=project, **run)
     if created.returncode != 0:
         raise SuiteFailed(f"uv venv failed:\n{created.stderr}")
     installed = subprocess.run(
@@ -158,6 +163,7 @@ def missing_imports(imports: dict[str, list[str]], venv: Path) -> list[str]:
             "print(json.dumps([n for n in json.load(sys.stdin) if importlib.util.find_spec(n) is None]))",
         ],
         input=json.dumps(sorted(imports)),
+        cwd=venv,
         capture_output=True,
         text=True,
         check=False,
@@ -232,7 +238,7 @@ def render(answers: dict, output: Path) -> Path:
         "config": {"replay_dir": str(output / ".replay"), "cookiecutters_dir": str(output / ".cookiecutters")},
     }
     result = subprocess.run(
-        [sys.executable, "-c", RENDER], input=json.dumps(request), capture_output=True, text=True, check=False
+        [sys.executable, "-c", RENDER], input=json.dumps(request), cwd=output, capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         raise SuiteFailed(f"rendering failed:\n{result.stdout}\n{result.stderr}")

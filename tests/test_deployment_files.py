@@ -506,7 +506,7 @@ def check_manifests(resources: list[dict], overlay: str, answers: dict, where: s
         assert "METRICS_ENABLED" not in config, where
 
     relay = found.get(("Deployment", f"{slug}-outbox-relay"))
-    assert (relay is not None) == answers.get("outbox", "none") != "none", where
+    assert (relay is not None) == (answers.get("outbox", "none") != "none"), where
     if relay is not None:
         assert pod_specs(relay)[0]["containers"][0]["command"][:3] == ["flask", "outbox", "relay"], where
     assert ("CONSUL_HOST" in config) == bool(answers.get("use_service_registry")), where
