@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.combinations import TEMPLATE, combination_id
-from tests.project_checks import third_party_imports
-from tests.rendering import read_tree
 
 WORK = TEMPLATE / ".cache" / "suites"
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -52,8 +50,10 @@ SERVICE_URLS = {
     "TEST_REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
 }
 SUITE_TIMEOUT = 900
-#: Concurrent generated suites; the in-process matrix runs beside them.
-LANES = int(os.environ.get("SUITE_LANES", "2"))
+#: Concurrent generated suites; the in-process matrix runs beside them. A suite
+#: keeps a core busy about half of its time (it waits for servers, brokers and
+#: subprocesses), so three share two cores without leaving them idle.
+LANES = int(os.environ.get("SUITE_LANES", "3"))
 COLLECTED = re.compile(r"^collected (\d+) items?(?: / (\d+) deselected)?(?: / (\d+) selected)?", re.MULTILINE)
 
 
@@ -151,6 +151,30 @@ def build_venv(project: Path, python: str) -> Path:
     # The Makefile's install step is up to date now: `make test` must not reinstall.
     (venv / "bin" / ".installed").touch()
     return venv
+
+
+IMPORTS = """
+import json, sys
+from pathlib import Path
+from tests.project_checks import third_party_imports
+from tests.rendering import read_tree
+print(json.dumps(third_party_imports(read_tree(Path(sys.argv[1]), {}, {}))))
+"""
+
+
+def load_time_imports(project: Path) -> dict[str, list[str]]:
+    """tests.project_checks.third_party_imports of a project on disk.
+
+    In a subprocess: CPython's ast module is not safe to use from two threads at
+    once ("AST constructor recursion depth mismatch"), and the matrix parses
+    in the main thread while this lane runs.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS, str(project)], cwd=TEMPLATE, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise SuiteFailed(f"cannot read the project's imports:\n{result.stderr}")
+    return json.loads(result.stdout)
 
 
 def missing_imports(imports: dict[str, list[str]], venv: Path) -> list[str]:
@@ -362,7 +386,7 @@ def run_suite(suite: Suite, workdir: Path) -> Outcome:
         if suite.answers.get("python_version") and version != suite.answers["python_version"]:
             raise SuiteFailed(f"pyproject.toml declares {version}, the answer was {suite.answers['python_version']}")
         outcome.python = version
-        imports = third_party_imports(read_tree(project, {}, {}))
+        imports = load_time_imports(project)
         venv = build_venv(project, find_python(version))
         lap("venv")
         missing = missing_imports(imports, venv)

@@ -22,7 +22,15 @@ from tests.content_checks import CONTENT_CHECKS
 from tests.matrix import check_contents, render_matrix, ruff_problems
 from tests.project_checks import compose_problems, import_problems, workflow_problems
 from tests.rendering import Hook, Renderer
-from tests.suites import SuiteFailed, Unavailable, build_venv, find_python, make_test, missing_imports
+from tests.suites import (
+    SuiteFailed,
+    Unavailable,
+    build_venv,
+    find_python,
+    load_time_imports,
+    make_test,
+    missing_imports,
+)
 from tests.test_generated_suites import SUITES, missing_pairs
 
 PROJECT = next(TEMPLATE.glob("{{*}}")).name
@@ -143,13 +151,12 @@ def test_a_requirement_under_the_wrong_toggle_is_caught_in_the_projects_own_venv
     answers = {**ALL_OFF, "outbox": "rabbitmq"}
     project = render_one(answers, template_copy).projects[0]
     folder = project.write(tmp_path / "out")
+    imports = load_time_imports(folder)  # before the venv exists in the folder, as the runner does
     try:
         venv = build_venv(folder, find_python("3.12"))
     except Unavailable as missing:
         pytest.fail(str(missing))
-    from tests.project_checks import third_party_imports
-
-    missing = missing_imports(third_party_imports(project), venv)
+    missing = missing_imports(imports, venv)
     assert [item for item in missing if item.startswith("pika ")], missing
 
 
