@@ -355,10 +355,21 @@ MIGRATION_TABLES: dict[str, tuple[str, str]] = {
         sa.Column("quantity", sa.Integer(), nullable=False),
         sa.Column("unit_price", sa.Numeric(precision=10, scale=2), nullable=False),
         sa.Column("status", sa.String(length=20), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        # Microseconds on MySQL too (its DATETIME keeps whole seconds by default).
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+            nullable=False,
+        ),
+        sa.Column(
+            "updated_at",
+            sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+            nullable=False,
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_{resource_plural}")),
         sa.UniqueConstraint("name", name=op.f("uq_{resource_plural}_name")),
+        # Ids are never reused on SQLite either (AUTOINCREMENT).
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f("ix_{resource_plural}_status"), "{resource_plural}", ["status"])
 """,
@@ -369,8 +380,6 @@ MIGRATION_TABLES: dict[str, tuple[str, str]] = {
     ),
     "outbox_events": (
         """\
-    from sqlalchemy.dialects import mysql
-
     op.create_table(
         "outbox_events",
         sa.Column(
@@ -431,8 +440,6 @@ MIGRATION_TABLES: dict[str, tuple[str, str]] = {
     ),
     "processed_messages": (
         """\
-    from sqlalchemy.dialects import mysql
-
     op.create_table(
         "processed_messages",
         sa.Column("consumer", sa.String(length=100), nullable=False),
@@ -465,6 +472,7 @@ Create Date: written by the project template
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 
 revision = "{revision}"
 down_revision = None
