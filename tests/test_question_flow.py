@@ -117,11 +117,12 @@ def inapplicable_questions(flow: list[tuple[str, list]], projects: list[dict]) -
             for project in members:
                 reachable[project[key]].add(project["_project"])
                 next_groups.setdefault(earlier + ((key, project[key]),), []).append(project)
-            outcomes = {frozenset(reachable[value]) for value in offered if reachable[value]}
+            accepted = [value for value in offered if reachable[value]]
+            outcomes = {frozenset(reachable[value]) for value in accepted}
             if len(outcomes) < 2:
                 shown = ", ".join(f"{name} = {value!r}" for name, value in earlier) or "no answers"
-                accepted = [value for value in offered if reachable[value]]
-                problems.append(f"{key} is asked after {shown}, but only {accepted!r} can be chosen or change the project")
+                why = f"only {accepted!r} can be chosen" if len(accepted) < 2 else f"{accepted!r} all give the same projects"
+                problems.append(f"{key} is asked after {shown}, but {why}")
         groups = next_groups
     return problems
 
@@ -162,3 +163,17 @@ def test_the_check_catches_an_inapplicable_question(flow, expected):
     """The check is real: the order this template used to have, and a repeated question, are caught."""
     problems = inapplicable_questions(flow, accepted_projects())
     assert any(problem.startswith(expected) for problem in problems), problems
+
+
+def test_the_check_catches_a_question_whose_answers_give_the_same_project():
+    """The other way a question can be pointless (an outbox transport after "no outbox"): every answer, one project."""
+    projects = [
+        {"use_outbox": True, "transport": "rabbitmq", "_project": "rabbitmq relay"},
+        {"use_outbox": True, "transport": "in_process", "_project": "in-process relay"},
+        {"use_outbox": False, "transport": "rabbitmq", "_project": "no outbox"},
+        {"use_outbox": False, "transport": "in_process", "_project": "no outbox"},
+    ]
+    flow = [("use_outbox", [True, False]), ("transport", ["rabbitmq", "in_process"])]
+    assert inapplicable_questions(flow, projects) == [
+        "transport is asked after use_outbox = False, but ['rabbitmq', 'in_process'] all give the same projects"
+    ]

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from werkzeug.serving import make_server
 
 logger = logging.getLogger(__name__)
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10"))  # per operation and phase
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "5"))  # per operation and phase
 SEED = os.environ.get("FUZZ_SEED", "1")
 
 
