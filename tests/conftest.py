@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from tests import ci_report
 from tests.combinations import (
+    TEMPLATE,
     all_combinations,
     cookiecutter_json,
     defaults,
@@ -105,6 +107,22 @@ def matrix():
     ci_report.REPORT.matrix = built
     ci_report.REPORT.edge_answers = len(EDGE_ANSWERS)
     return built
+
+
+class Baked:
+    """A project rendered by pytest-cookies (the real cookiecutter) and the answers that made it."""
+
+    def __init__(self, path: Path, context: dict):
+        self.path = path
+        self.context = context
+
+
+def bake_or_fail(cookies, answers: dict) -> Baked:
+    """Render with pytest-cookies' `cookies` fixture; fail the test if cookiecutter does."""
+    result = cookies.bake(extra_context=answers, template=str(TEMPLATE))
+    assert result.exit_code == 0, f"rendering {answers} failed: {result.exception!r}"
+    assert result.exception is None
+    return Baked(Path(result.project_path), dict(result.context))
 
 
 def pytest_runtest_logreport(report):
