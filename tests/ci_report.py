@@ -45,10 +45,17 @@ class Report:
                     f"  {seconds.get('render', 0):6.1f} {seconds.get('venv', 0):6.1f} {seconds.get('suite', 0):6.1f} "
                     f"{outcome.cpu:6.1f} {state}  {outcome.python or '?':6}  {outcome.suite.name}"
                 )
-            slow = sorted((item for outcome in outcomes for item in outcome.slowest), reverse=True)[:5]
+            totals: dict[str, list[float]] = {}
+            for outcome in outcomes:
+                for seconds, name in outcome.slowest:
+                    totals.setdefault(name, []).append(seconds)
+            slow = sorted(totals.items(), key=lambda item: sum(item[1]), reverse=True)[:10]
             if slow:
-                out.append("  slowest generated tests:")
-                out += [f"    {seconds:6.1f} s  {name}" for seconds, name in slow]
+                out.append("  slowest generated tests, summed over the suites that have them (wall seconds):")
+                out += [
+                    f"    {sum(times):6.1f} s  in {len(times):2d} suites, at most {max(times):5.1f} s  {name}"
+                    for name, times in slow
+                ]
         out.append("slowest template tests:")
         for seconds, phase, name in sorted(self.durations, reverse=True)[:8]:
             out.append(f"  {seconds:6.1f} s  {phase:8} {name}")

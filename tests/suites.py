@@ -278,7 +278,8 @@ def suite_environment(database_url: str | None, report: Path) -> dict:
     env.update(SERVICE_URLS)
     env["TEST_REQUIRE_SERVICES"] = "1"
     # pytest's own record of the run; read instead of its terminal output.
-    env["PYTEST_ADDOPTS"] = f"--junitxml={report} --durations=5"
+    # Every test of a second or more is listed, for the run's summary of where time goes.
+    env["PYTEST_ADDOPTS"] = f"--junitxml={report} --durations=0 --durations-min=1.0"
     if database_url:
         env["TEST_DATABASE_URL"] = database_url
     return env
