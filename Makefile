@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-JOBS ?= 2
 OUT ?= ..
 ARGS ?=
 
@@ -23,7 +22,7 @@ generate: install  ## generate a service into OUT (default ..); ARGS=--no-input 
 	$(BIN)/cookiecutter $(ARGS) --output-dir $(OUT) $(CURDIR)
 
 test: install  ## the whole test suite: every combination, generated suites on real databases
-	$(BIN)/pytest -n $(JOBS) --dist loadgroup
+	$(BIN)/pytest
 
 lint: install  ## ruff on the template's own Python (rendered projects are linted by the tests)
 	$(BIN)/ruff check hooks tests bench local_extensions.py
@@ -31,5 +30,5 @@ lint: install  ## ruff on the template's own Python (rendered projects are linte
 bench: install  ## render time against bare cookiecutter, as a ratio
 	$(BIN)/python bench/bench_render.py
 
-clean:  ## remove the virtualenv and the cached generated-project virtualenv
+clean:  ## remove the virtualenv and the generated suites' scratch folder
 	rm -rf $(VENV) .cache

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import math
+import random
 import sys
 from functools import cache
 from pathlib import Path
@@ -104,38 +106,98 @@ def extreme_answer(values: list, on: bool):
     return "none" if not on and "none" in values else values[0]
 
 
-def covering_set() -> list[dict]:
-    """Every pair of answer values at least once, plus all-on and all-off per database.
+def answer_pairs(answers: dict, keys: list[str]) -> set:
+    return {((a, answers[a]), (b, answers[b])) for a, b in itertools.combinations(keys, 2)}
 
-    Greedy pairwise construction: repeatedly take the combination that covers
-    the most pairs not yet covered. Deterministic, and small (a dozen or so).
-    """
+
+def extremes() -> list[dict]:
+    """All-on and all-off for each database (made possible: Kubernetes is off with SQLite)."""
     questions = matrix_questions()
-    keys = list(questions)
-    candidates = all_combinations()
-
-    def pairs(answers: dict) -> set:
-        return {
-            ((a, answers[a]), (b, answers[b]))
-            for a, b in itertools.combinations(keys, 2)
-        }
-
     chosen: list[dict] = []
-    databases = questions.get("database", [None])
-    for database in databases:
+    for database in questions.get("database", [None]):
         for value in (True, False):
             extreme = {key: extreme_answer(values, value) for key, values in questions.items()}
             if database is not None:
                 extreme["database"] = database
-            chosen.append(make_possible(extreme))
+            if make_possible(extreme) not in chosen:
+                chosen.append(make_possible(extreme))
+    return chosen
 
-    uncovered = set().union(*(pairs(c) for c in candidates)) - set().union(*(pairs(c) for c in chosen))
+
+@cache
+def covering_set() -> list[dict]:
+    """Every pair of answer values at least once, plus all-on and all-off per database.
+
+    Each project here costs a whole generated test suite in CI, so the set is
+    kept small: a greedy pass (take the combination covering the most pairs not
+    yet covered) gives a first set, then a seeded local search tries to do the
+    same with one combination fewer, until it cannot. Deterministic.
+    """
+    keys = list(matrix_questions())
+    candidates = all_combinations()
+    chosen = extremes()
+    needed = set().union(*(answer_pairs(c, keys) for c in candidates))
+    needed -= set().union(*(answer_pairs(c, keys) for c in chosen))
+
+    extra: list[dict] = []
+    uncovered = set(needed)
     while uncovered:
-        best = max(candidates, key=lambda c: len(pairs(c) & uncovered))
-        chosen.append(best)
-        uncovered -= pairs(best)
-    unique = []
-    for answers in chosen:
-        if answers not in unique:
-            unique.append(answers)
-    return unique
+        best = max(candidates, key=lambda c: len(answer_pairs(c, keys) & uncovered))
+        extra.append(best)
+        uncovered -= answer_pairs(best, keys)
+    rng = random.Random(14)
+    while extra:
+        smaller = smaller_cover(candidates, keys, needed, len(extra) - 1, rng)
+        if smaller is None:
+            break
+        extra = smaller
+    return chosen + [answers for answers in extra if answers not in chosen]
+
+
+def smaller_cover(candidates: list[dict], keys: list[str], needed: set, size: int, rng, restarts: int = 8):
+    """`size` candidates covering every needed pair, by simulated annealing; None if none found."""
+    pairs = [answer_pairs(c, keys) & needed for c in candidates]
+    for _ in range(restarts):
+        selection = [rng.randrange(len(candidates)) for _ in range(size)]
+        count: dict = {}
+        for index in selection:
+            for pair in pairs[index]:
+                count[pair] = count.get(pair, 0) + 1
+        uncovered = len(needed) - len(count)
+        temperature = 2.0
+        for _ in range(30000):
+            if uncovered == 0:
+                return [candidates[index] for index in sorted(set(selection))] if len(set(selection)) == size else None
+            slot, new = rng.randrange(size), rng.randrange(len(candidates))
+            old = selection[slot]
+            lost = sum(1 for pair in pairs[old] - pairs[new] if count[pair] == 1)
+            gained = sum(1 for pair in pairs[new] - pairs[old] if count.get(pair, 0) == 0)
+            delta = lost - gained
+            if delta <= 0 or rng.random() < math.exp(-delta / temperature):
+                for pair in pairs[old]:
+                    count[pair] -= 1
+                    if count[pair] == 0:
+                        del count[pair]
+                for pair in pairs[new]:
+                    count[pair] = count.get(pair, 0) + 1
+                selection[slot] = new
+                uncovered = len(needed) - len(count)
+            temperature = max(0.05, temperature * 0.9997)
+    return None
+
+
+def generated_suites() -> list[dict]:
+    """The covering set as the generated-suite runs: each with the Python version it is tested on.
+
+    3.12 (the default) for most; each other offered version on one of the
+    combinations the pairwise search added, so every version runs a suite.
+    """
+    versions = cookiecutter_json()["python_version"]
+    covering = covering_set()
+    fixed = len(extremes())
+    suites = []
+    for index, answers in enumerate(covering):
+        extra_index = index - fixed
+        version = versions[1 + extra_index] if 0 <= extra_index < len(versions) - 1 else versions[0]
+        suites.append({**answers, "python_version": version})
+    return suites

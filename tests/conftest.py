@@ -1,23 +1,45 @@
-"""Fixtures for the template's own tests.
+"""Fixtures and run-wide plumbing for the template's own tests.
 
-The matrix tests share one rendered project per answer combination: the
-`project` fixture is session-scoped and parametrized, and every test of one
-combination is kept on one xdist worker (`--dist loadgroup`), so each
-combination is rendered once and removed when its tests are done.
+- `matrix`: every accepted combination rendered once, in this process
+  (tests/rendering.py, tests/matrix.py); every matrix and deployment-file
+  check reads it.
+- The generated projects' own suites start in background lanes as soon as
+  collection ends (tests/suites.py), so they run beside the matrix; their
+  tests in tests/test_generated_suites.py wait for their results.
+- With CI set, a skipped test is a failed test: in CI every service and tool
+  must be there.
+- The run ends with a summary: combinations rendered, distinct files checked,
+  each generated suite and its times, the slowest tests.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.combinations import TEMPLATE, combination_id, feature_table
+from tests import ci_report
+from tests.combinations import (
+    TEMPLATE,
+    all_combinations,
+    cookiecutter_json,
+    defaults,
+    feature_table,
+    product_of_answers,
+)
 
 #: CI sets this: a test whose real service or tool is missing fails instead of skipping.
 IN_CI = bool(os.environ.get("CI"))
+LANES_KEY = pytest.StashKey()
+
+#: Answers beyond the matrix, rendered and checked with it: a slug YAML 1.1 reads as
+#: a boolean, another port, and the other Python versions (the matrix keeps the first).
+EDGE_ANSWERS = [
+    {**defaults(), "use_kubernetes": True, "service_name": "On", "service_port": "8443"},
+    *({**defaults(), "python_version": version} for version in cookiecutter_json()["python_version"][1:]),
+]
 
 
 def fail_or_skip(reason: str) -> None:
@@ -26,47 +48,92 @@ def fail_or_skip(reason: str) -> None:
     pytest.skip(reason)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Keep all tests of one rendered combination on one worker."""
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None and "project" in callspec.params:
-            item.add_marker(pytest.mark.xdist_group(f"combo-{callspec.id.split('[')[0]}"))
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI a skip is a failure: nothing may quietly not run there."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped in CI, which counts as a failure: {reason}"
+
+
+def pytest_collection_finish(session):
+    """Start the generated suites of the selected tests, in background lanes."""
+    if session.config.option.collectonly:
+        return
+    from tests.suites import Lanes, Suite
+
+    suites = [
+        item.callspec.params["suite"]
+        for item in session.items
+        if getattr(item, "callspec", None) is not None and isinstance(item.callspec.params.get("suite"), Suite)
+    ]
+    if suites:
+        session.config.stash[LANES_KEY] = Lanes(suites)
+        ci_report.REPORT.lanes = session.config.stash[LANES_KEY]
+
+
+def pytest_sessionfinish(session):
+    lanes = session.config.stash.get(LANES_KEY, None)
+    if lanes is not None:
+        lanes.shutdown()
+
+
+@pytest.fixture(scope="session")
+def lanes(request):
+    lanes = request.config.stash.get(LANES_KEY, None)
+    assert lanes is not None, "the generated suites were not started (collection hook)"
+    return lanes
 
 
 @pytest.fixture(scope="session")
 def table():
-    """The post-generation hook's feature table (the only list of feature files)."""
+    """The post-generation hook's feature table."""
     return feature_table()
 
 
+@pytest.fixture(scope="session")
+def matrix():
+    """Every accepted combination and the edge answers, rendered once; the refused ones recorded."""
+    from tests.matrix import render_matrix
+
+    started = time.perf_counter()
+    accepted = all_combinations()
+    refused = [answers for answers in product_of_answers() if answers not in accepted]
+    built = render_matrix(accepted + refused + EDGE_ANSWERS)
+    ci_report.REPORT.add_step("render every combination (in process)", time.perf_counter() - started)
+    ci_report.REPORT.matrix = built
+    ci_report.REPORT.edge_answers = len(EDGE_ANSWERS)
+    return built
+
+
 class Baked:
-    """A rendered project and the answers that made it."""
+    """A project rendered by pytest-cookies (the real cookiecutter) and the answers that made it."""
 
     def __init__(self, path: Path, context: dict):
         self.path = path
         self.context = context
 
-    def files(self, suffixes: tuple[str, ...] = ()) -> list[Path]:
-        return sorted(
-            p
-            for p in self.path.rglob("*")
-            if p.is_file() and (not suffixes or p.suffix in suffixes or p.name in suffixes)
-        )
-
 
 def bake_or_fail(cookies, answers: dict) -> Baked:
+    """Render with pytest-cookies' `cookies` fixture; fail the test if cookiecutter does."""
     result = cookies.bake(extra_context=answers, template=str(TEMPLATE))
     assert result.exit_code == 0, f"rendering {answers} failed: {result.exception!r}"
     assert result.exception is None
     return Baked(Path(result.project_path), dict(result.context))
 
 
-def render_project(request, cookies_session) -> Baked:
-    baked = bake_or_fail(cookies_session, request.param)
-    request.addfinalizer(lambda: shutil.rmtree(baked.path.parent, ignore_errors=True))
-    return baked
+def pytest_runtest_logreport(report):
+    if report.when in ("setup", "call", "teardown"):
+        ci_report.REPORT.durations.append((report.duration, report.when, report.nodeid))
 
 
-def param_ids(combinations: list[dict]) -> list[str]:
-    return [combination_id(answers) for answers in combinations]
+def pytest_sessionstart(session):
+    ci_report.REPORT.started = time.perf_counter()
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in ci_report.REPORT.lines(time.perf_counter() - ci_report.REPORT.started):
+        terminalreporter.write_line(line)

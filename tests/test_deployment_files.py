@@ -1,55 +1,44 @@
 """Every deployment file the template generates validates, for every accepted combination.
 
-Each combination of answers is rendered once (in a process pool), its deployment files
-are collected, and identical files are validated once: most combinations give the
-same Dockerfile or workflow, so each validator runs once over the distinct files of
-its kind.
+Each combination of answers is rendered once for the whole run (the `matrix` fixture,
+tests/conftest.py), its deployment files are collected, and identical files are
+validated once: most combinations give the same Dockerfile or workflow, so each
+validator runs once over the distinct files of its kind.
 
 | file | validator |
 |---|---|
-| docker-compose.yml | the Compose specification schema (check-jsonschema's vendor.compose-spec); `docker compose config` too where the Compose plugin is installed |
+| docker-compose.yml | the Compose specification schema (check-jsonschema's vendor.compose-spec) |
 | .github/workflows/ci.yml | the GitHub workflow schema (check-jsonschema's vendor.github-workflows) |
 | Dockerfile | hadolint, failing on findings of level warning or above |
 | prometheus/prometheus.yml | promtool check config |
 | deploy/kubernetes | each overlay built kustomize-style (in Python below, checked against `kubectl kustomize`), then kubernetes-validate, strict, for the newest Kubernetes version it knows and the one two minor versions older |
 
 A validator that is missing skips its test on a laptop and fails it in CI (CI is set).
+`docker compose config` is not among them: no registry this project uses ships the
+Compose plugin, so it could never run in CI; the Compose specification schema does.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import copy
 import functools
 import hashlib
-import io
 import json
-import multiprocessing
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.combinations import (
-    TEMPLATE,
-    all_combinations,
-    combination_id,
-    cookiecutter_json,
-    covering_set,
-    defaults,
-    feature_table,
-)
-
-# One xdist worker runs this whole module, so the combinations are rendered once.
-pytestmark = pytest.mark.xdist_group("deployment-files")
+from tests.combinations import TEMPLATE, all_combinations, combination_id, cookiecutter_json, defaults
+from tests.conftest import EDGE_ANSWERS
+from tests.project_checks import settings_read
 
 IN_CI = bool(os.environ.get("CI"))
 KUSTOMIZE_ROOT = "deploy/kubernetes"
@@ -61,12 +50,6 @@ PLAIN_FILES = {
     "dockerfile": "Dockerfile",
     "prometheus": "prometheus/prometheus.yml",
 }
-#: Answers beyond the matrix: a slug YAML 1.1 reads as a boolean, another port, the
-#: other Python versions (the matrix keeps the first).
-EDGE_ANSWERS = [
-    {**defaults(), "use_kubernetes": True, "service_name": "On", "service_port": "8443"},
-    *({**defaults(), "python_version": version} for version in cookiecutter_json()["python_version"][1:]),
-]
 #: Settings read by libraries rather than by the service's own code.
 LIBRARY_SETTINGS = re.compile(r"^OTEL_[A-Z_]+$")
 
@@ -90,85 +73,12 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 # --- rendering ------------------------------------------------------------------------
 
 
-def read_settings(project: Path) -> list[str]:
-    """Every ALL_CAPS string literal in the project's Python: the settings its code reads."""
-    names: set[str] = set()
-    for path in project.rglob("*.py"):
-        if "tests" not in path.relative_to(project).parts:
-            names.update(re.findall(r"[\"']([A-Z][A-Z0-9_]{2,})[\"']", path.read_text(encoding="utf-8")))
-    return sorted(names)
-
-
-def collect(project: Path) -> dict:
-    """The deployment files of a rendered project."""
-    files = {
-        kind: (project / name).read_text(encoding="utf-8") if (project / name).exists() else None
-        for kind, name in PLAIN_FILES.items()
-    }
-    kube_root = project / KUSTOMIZE_ROOT
-    kubernetes = {
-        str(path.relative_to(kube_root)): path.read_text(encoding="utf-8")
-        for path in sorted(kube_root.rglob("*"))
-        if path.is_file()
-    }
-    return {"files": files, "kubernetes": kubernetes, "deploy_folder": (project / "deploy").exists()}
-
-
-#: Renders are written to memory where the system offers it: removing thousands of
-#: small folders from disk costs more than rendering them.
-SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
-
-def own_config(tmp: str) -> dict:
-    # Each render its own replay folder: parallel renders must not share one.
-    return {"replay_dir": f"{tmp}/replay", "cookiecutters_dir": f"{tmp}/cache"}
-
-
-def render_fully(answers: dict) -> dict:
-    """Render the whole template exactly as a user does, hooks included."""
-    from cookiecutter.main import cookiecutter
-
-    with tempfile.TemporaryDirectory(prefix="deployment-files-", dir=SCRATCH) as tmp:
-        project = Path(
-            cookiecutter(
-                str(TEMPLATE), no_input=True, extra_context=answers, output_dir=tmp, default_config=own_config(tmp)
-            )
-        )
-        return {**collect(project), "settings": read_settings(project)}
-
-
-def render_deployment_files(template: Path, answers: dict) -> dict:
-    """Render only the deployment files' templates, then run the real post-generation hook.
-
-    Rendering the whole project costs about 0.3 s of CPU per combination, mostly for
-    files no validator reads; this takes a fraction of that. The hook runs in this
-    process with the context cookiecutter recorded, and test_fast_render_is_faithful
-    checks the result against full renders.
-    """
-    from cookiecutter.main import cookiecutter
-
-    hook = feature_table()
-    with tempfile.TemporaryDirectory(prefix="deployment-files-", dir=SCRATCH) as tmp:
-        project = Path(
-            cookiecutter(
-                str(template),
-                no_input=True,
-                extra_context=answers,
-                output_dir=tmp,
-                default_config=own_config(tmp),
-                accept_hooks=False,
-            )
-        )
-        replay = json.loads(Path(tmp, "replay", f"{template.name}.json").read_text(encoding="utf-8"))
-        hook.RENDERED_CONTEXT = json.dumps(replay["cookiecutter"])
-        here = Path.cwd()
-        os.chdir(project)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                assert hook.main() == 0
-        finally:
-            os.chdir(here)
-        return collect(project)
+def collect(project) -> dict:
+    """The deployment files of a rendered project (a tests.rendering.Project)."""
+    files = {kind: project.get(name) for kind, name in PLAIN_FILES.items()}
+    prefix = KUSTOMIZE_ROOT + "/"
+    kubernetes = {path.removeprefix(prefix): project.get(path) for path in sorted(project.files) if path.startswith(prefix)}
+    return {"files": files, "kubernetes": kubernetes, "deploy_folder": "deploy" in project.folders}
 
 
 @dataclass
@@ -198,49 +108,12 @@ def digest(content) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def in_parallel(function, items: list) -> list:
-    # fork: the workers inherit this module, whatever name pytest imported it under.
-    context = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 2, mp_context=context) as pool:
-        return list(pool.map(function, items, chunksize=8))
-
-
 @pytest.fixture(scope="module")
-def deployment_template(tmp_path_factory) -> Path:
-    """A copy of the template with the hooks and only the deployment files' templates."""
-    copy_root = tmp_path_factory.mktemp("template") / "deployment-files"
-    for name in ("cookiecutter.json", "local_extensions.py", "hooks"):
-        source = TEMPLATE / name
-        if source.is_dir():
-            shutil.copytree(source, copy_root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (copy_root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, copy_root / name)
-    (project,) = TEMPLATE.glob("{{*}}")
-    for name in (*PLAIN_FILES.values(), KUSTOMIZE_ROOT):
-        source = project / name
-        if source.is_dir():
-            shutil.copytree(source, copy_root / project.name / name)
-        elif source.exists():
-            (copy_root / project.name / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, copy_root / project.name / name)
-    return copy_root
-
-
-@pytest.fixture(scope="module")
-def rendered(deployment_template) -> list[Rendered]:
-    """Every accepted combination (and the edge answers), deployment files only."""
-    combinations = all_combinations() + EDGE_ANSWERS
-    results = in_parallel(functools.partial(render_deployment_files, deployment_template), combinations)
-    return [Rendered(answers, **result) for answers, result in zip(combinations, results, strict=True)]
-
-
-@pytest.fixture(scope="module")
-def fully_rendered() -> list[Rendered]:
-    """The covering set (every pair of answers) and the edge answers, rendered whole."""
-    combinations = covering_set() + EDGE_ANSWERS
-    results = in_parallel(render_fully, combinations)
-    return [Rendered(answers, **result) for answers, result in zip(combinations, results, strict=True)]
+def rendered(matrix) -> list[Rendered]:
+    """Every accepted combination and the edge answers: deployment files and the settings their code reads."""
+    return [
+        Rendered(project.answers, **collect(project), settings=sorted(settings_read(project))) for project in matrix.projects
+    ]
 
 
 def unique(rendered: list[Rendered], kind: str) -> dict[str, Unique]:
@@ -409,7 +282,7 @@ def check_jsonschema(schema: str, paths: dict[Path, Unique], cwd: Path) -> None:
 
 def test_every_combination_rendered(rendered):
     """Each accepted combination rendered, with Kubernetes files exactly when asked for."""
-    assert len(rendered) == len(all_combinations()) + len(EDGE_ANSWERS)
+    assert [item.answers for item in rendered] == all_combinations() + EDGE_ANSWERS
     for item in rendered:
         wanted = item.answers["use_kubernetes"]
         assert bool(item.kubernetes) == wanted, combination_id(item.answers)
@@ -417,31 +290,10 @@ def test_every_combination_rendered(rendered):
         assert (item.files["prometheus"] is not None) == item.answers["use_metrics"]
 
 
-def test_fast_render_is_faithful(rendered, fully_rendered):
-    """Rendering only the deployment files gives byte for byte what a full render gives."""
-    fast = {digest(item.answers): item for item in rendered}
-    for item in fully_rendered:
-        twin = fast[digest(item.answers)]
-        assert twin.files == item.files, combination_id(item.answers)
-        assert twin.kubernetes == item.kubernetes, combination_id(item.answers)
-        assert twin.deploy_folder == item.deploy_folder, combination_id(item.answers)
-
-
 def test_compose_files_follow_the_compose_specification(rendered, tmp_path):
     """docker-compose.yml of every combination validates against the Compose specification."""
     paths = write_all(unique(rendered, "compose"), tmp_path / "compose", ".yml")
     check_jsonschema("vendor.compose-spec", paths, tmp_path)
-
-
-def test_compose_files_pass_docker_compose_config(rendered, tmp_path):
-    """`docker compose config` accepts every distinct docker-compose.yml (needs the Compose plugin)."""
-    docker = shutil.which("docker")
-    if docker is None or run([docker, "compose", "version"], tmp_path).returncode != 0:
-        # Optional: no registry this project uses ships the Compose plugin; the schema test above always runs.
-        pytest.skip("the docker compose plugin is not installed")
-    for path, item in write_all(unique(rendered, "compose"), tmp_path / "compose", ".yml").items():
-        result = run([docker, "compose", "--file", str(path), "config", "--quiet"], tmp_path)
-        assert result.returncode == 0, f"{item.where()}:\n{result.stderr}"
 
 
 def test_workflows_follow_the_github_workflow_schema(rendered, tmp_path):
@@ -654,7 +506,7 @@ def check_manifests(resources: list[dict], overlay: str, answers: dict, where: s
         assert "METRICS_ENABLED" not in config, where
 
     relay = found.get(("Deployment", f"{slug}-outbox-relay"))
-    assert (relay is not None) == answers.get("outbox", "none") != "none", where
+    assert (relay is not None) == (answers.get("outbox", "none") != "none"), where
     if relay is not None:
         assert pod_specs(relay)[0]["containers"][0]["command"][:3] == ["flask", "outbox", "relay"], where
     assert ("CONSUL_HOST" in config) == bool(answers.get("use_service_registry")), where
@@ -669,10 +521,10 @@ def tree_of(trees: list[KubernetesTree], item: Rendered) -> KubernetesTree:
     return next(tree for tree in trees if tree.key == key)
 
 
-def test_kubernetes_settings_are_read_by_the_service(fully_rendered, kubernetes_trees):
+def test_kubernetes_settings_are_read_by_the_service(rendered, kubernetes_trees):
     """Every variable the manifests set is one the generated code reads (no misspelt or stale names)."""
-    assert any(item.kubernetes for item in fully_rendered)
-    for item in fully_rendered:
+    assert any(item.kubernetes for item in rendered)
+    for item in rendered:
         if not item.kubernetes:
             continue
         tree = tree_of(kubernetes_trees, item)
@@ -716,7 +568,7 @@ def test_kubernetes_with_sqlite_is_refused_in_one_line(tmp_path, capfd):
             no_input=True,
             extra_context=answers,
             output_dir=str(output),
-            default_config=own_config(str(tmp_path)),
+            default_config={"replay_dir": f"{tmp_path}/replay", "cookiecutters_dir": f"{tmp_path}/cache"},
         )
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("ERROR")]
     assert lines == [

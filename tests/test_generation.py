@@ -1,172 +1,178 @@
-"""Every combination of toggles and choices renders into a clean, consistent project."""
+"""Every combination of toggles and choices renders into a clean, consistent project.
+
+The `matrix` fixture renders each accepted combination once (and the edge
+answers: other Python versions, a YAML-boolean slug, another port). Checks of a
+file's content run once per distinct (path, content) and name the
+combinations that hold a failing file; checks of a whole project run on every
+project. Expectations come from the rendered code itself, never from the
+feature table the hook used to render it (tests/project_checks.py).
+"""
 
 from __future__ import annotations
 
-import ast
-import json
-import re
-import subprocess
-import sys
-import tomllib
+import contextlib
+import io
+import tempfile
+from pathlib import Path
 
 import pytest
-import yaml
+from cookiecutter.exceptions import FailedHookException
+from cookiecutter.main import cookiecutter
 
-from tests.combinations import all_combinations, impossible_combinations
-from tests.conftest import param_ids, render_project
-
-COMBINATIONS = all_combinations()
-TEXT_SUFFIXES = (".py", ".md", ".txt", ".toml", ".yml", ".yaml", ".json", ".ini", ".cfg", ".mako", ".example")
-TEXT_NAMES = ("Dockerfile", "Makefile", ".gitignore", ".dockerignore", "README")
-RESIDUE = re.compile(r"\{\{|\{%|\{#|cookiecutter")
-
-
-@pytest.fixture(scope="session", params=COMBINATIONS, ids=param_ids(COMBINATIONS))
-def project(request, cookies_session):
-    return render_project(request, cookies_session)
-
-
-def text_files(project):
-    return project.files(TEXT_SUFFIXES + TEXT_NAMES)
+from tests import ci_report
+from tests.combinations import (
+    TEMPLATE,
+    all_combinations,
+    combination_id,
+    covering_set,
+    impossible_combinations,
+)
+from tests.conftest import EDGE_ANSWERS
+from tests.content_checks import CONTENT_CHECKS
+from tests.matrix import check_contents, check_projects, digest, linted_everywhere, ruff_problems
+from tests.project_checks import PROJECT_CHECKS
+from tests.rendering import SCRATCH, render_with_cookiecutter
 
 
-def test_no_template_residue(project):
-    """No file keeps a Jinja tag or the word cookiecutter."""
-    leftovers = [
-        f"{path.relative_to(project.path)}:{number}: {line.strip()}"
-        for path in text_files(project)
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if RESIDUE.search(line)
-    ]
-    assert leftovers == []
+def test_every_accepted_combination_renders(matrix):
+    """Each combination the template accepts, and each edge answer, rendered."""
+    assert [project.answers for project in matrix.projects] == all_combinations() + EDGE_ANSWERS
 
 
-def test_no_template_residue_in_file_names(project):
-    """No file or folder name keeps a Jinja tag."""
-    assert [p for p in project.path.rglob("*") if "{" in p.name or "}" in p.name] == []
+def test_refused_combinations_are_exactly_the_impossible_ones(matrix, table):
+    """The pre-generation hook refuses exactly what the table calls impossible, in one ERROR line with the reason."""
+    assert [answers for answers, _ in matrix.refused] == impossible_combinations()
+    for answers, message in matrix.refused:
+        errors = [line for line in message.splitlines() if line.startswith("ERROR: ")]
+        assert len(errors) == 1, message
+        reasons = [reason for _, _, reason in table.incompatible_answers(answers)]
+        assert any(reason in errors[0] for reason in reasons), (combination_id(answers), message)
 
 
-def test_every_python_file_compiles(project):
-    """Every .py file is valid Python."""
-    for path in project.files((".py",)):
-        ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+@pytest.mark.parametrize(
+    "answers",
+    [*covering_set(), *EDGE_ANSWERS],
+    ids=[combination_id(a) for a in [*covering_set(), *EDGE_ANSWERS]],
+)
+def test_in_process_render_is_faithful(matrix, answers):
+    """The in-process render is byte for byte, mode for mode, what the real cookiecutter writes."""
+    (fast,) = [project for project in matrix.projects if project.answers == answers]
+    real = render_with_cookiecutter(answers)
+    assert sorted(fast.files) == sorted(real.files)
+    assert [path for path in fast.files if fast.files[path] != real.files[path]] == []
+    assert fast.modes == real.modes
+    assert fast.folders == real.folders
+    without_output = {key: value for key, value in real.context.items() if key != "_output_dir"}
+    assert {key: value for key, value in fast.context.items() if key != "_output_dir"} == without_output
 
 
-def test_ruff_passes(project):
-    """ruff, with the project's own configuration, finds nothing."""
-    result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
-        cwd=project.path,
-        capture_output=True,
-        text=True,
+def test_refusal_is_what_cookiecutter_prints(matrix, capfd):
+    """A refused combination fails the real cookiecutter with the line the in-process check recorded."""
+    answers, message = matrix.refused[0]
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
+        config = {"replay_dir": f"{tmp}/replay", "cookiecutters_dir": f"{tmp}/cache"}
+        with pytest.raises(FailedHookException), contextlib.redirect_stdout(io.StringIO()):
+            cookiecutter(str(TEMPLATE), no_input=True, extra_context=answers, output_dir=tmp, default_config=config)
+        assert not [path for path in Path(tmp).iterdir() if path.name not in {"replay", "cache"}]
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("ERROR")]
+    assert errors == [line for line in message.splitlines() if line.startswith("ERROR")]
+
+
+# --- each distinct file, once ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def content_problems(matrix):
+    problems = check_contents(matrix, CONTENT_CHECKS)
+    ci_report.REPORT.counts["content checks"] = (
+        f"{', '.join(CONTENT_CHECKS)} on each of {len(matrix.holders)} distinct files"
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    return problems
 
 
-def test_blank_lines_read_as_hand_written(project):
-    """No run of blank lines a person would not write, and no trailing whitespace."""
-    problems = []
-    for path in text_files(project):
-        text = path.read_text(encoding="utf-8")
-        name = path.relative_to(project.path)
-        if text and not text.endswith("\n"):
-            problems.append(f"{name}: no newline at the end")
-        if text.endswith("\n\n"):
-            problems.append(f"{name}: blank lines at the end")
-        limit = 2 if path.suffix in (".py", ".mako") else 1
-        blank_run = 0
-        for number, line in enumerate(text.splitlines(), 1):
-            if line != line.rstrip():
-                problems.append(f"{name}:{number}: trailing whitespace")
-            blank_run = blank_run + 1 if not line.strip() else 0
-            if blank_run > limit:
-                problems.append(f"{name}:{number}: {blank_run} blank lines in a row")
-            if path.suffix == ".py" and blank_run == 2 and number < len(text.splitlines()):
-                following = text.splitlines()[number]
-                if following.startswith((" ", "\t")):
-                    problems.append(f"{name}:{number}: 2 blank lines inside a block")
+def test_no_template_residue(content_problems):
+    """No file, whatever its name or suffix, keeps a Jinja tag or the word cookiecutter."""
+    assert content_problems["residue"] == []
+
+
+def test_files_read_as_hand_written(content_problems):
+    """Final newline, no trailing whitespace, no blank-line run a person would not write."""
+    assert content_problems["layout"] == []
+
+
+def test_python_compiles_and_data_files_parse(content_problems):
+    """Every .py compiles; every YAML, TOML, JSON and INI file parses."""
+    assert content_problems["parses"] == []
+
+
+def test_requirements_are_pinned(content_problems):
+    """Every line of requirements.txt and requirements-dev.txt pins one version; SQLAlchemy stays 2.0."""
+    assert content_problems["pins"] == []
+
+
+def test_every_test_module_defines_tests(content_problems):
+    """No tests/test_*.py renders without a test in it."""
+    assert content_problems["has_tests"] == []
+
+
+def test_every_file_of_every_combination_is_checked(matrix):
+    """The content checks ran on exactly the files the projects are made of."""
+    made_of = {(path, digest(data)) for project in matrix.projects for path, data in project.files.items()}
+    assert made_of == set(matrix.holders)
+
+
+def test_file_and_folder_names_have_no_template_residue(matrix):
+    """No file or folder name keeps a Jinja tag."""
+    names = {name for project in matrix.projects for name in [*project.files, *project.folders]}
+    assert sorted(name for name in names if "{" in name or "}" in name or "cookiecutter" in name) == []
+
+
+def test_ruff_passes(matrix, tmp_path):
+    """ruff, with each project's own configuration, finds nothing in any Python file of any combination."""
+    problems, layout = ruff_problems(matrix, tmp_path)
     assert problems == []
+    assert linted_everywhere(matrix, layout) == []
+    ci_report.REPORT.counts["ruff"] = f"one run over {len(layout.origin)} distinct Python files"
 
 
-def test_feature_files_follow_the_table(project, table):
-    """Files of enabled features exist; files of disabled ones are gone."""
-    for feature in table.FEATURES:
-        for relative in feature.files:
-            exists = (project.path / relative).exists()
-            assert exists == feature.is_enabled(project.context), (feature.name, relative)
+# --- each project, as a whole -----------------------------------------------------------------
 
 
-def test_compose_has_exactly_the_expected_services(project, table):
-    """docker-compose.yml runs the service, its migration, and each enabled feature's services."""
-    compose = yaml.safe_load((project.path / "docker-compose.yml").read_text())
-    expected = {project.context["service_slug"], "migrate"}
-    for feature in table.enabled_features(project.context):
-        expected.update(feature.compose_services)
-    assert set(compose["services"]) == expected
-    for name, service in compose["services"].items():
-        if "image" in service and "build" not in service:
-            assert re.search(r":[\w.-]+$", service["image"]), f"{name}: image must be pinned"
-            assert not service["image"].endswith(":latest"), f"{name}: image must be pinned"
-        for dependency, condition in service.get("depends_on", {}).items():
-            assert dependency in compose["services"], (name, dependency)
-            assert condition["condition"] in {"service_healthy", "service_completed_successfully"}
-            if condition["condition"] == "service_healthy" and dependency != project.context["service_slug"]:
-                assert "healthcheck" in compose["services"][dependency], dependency
+@pytest.fixture(scope="module")
+def project_problems(matrix):
+    return check_projects(matrix, PROJECT_CHECKS)
 
 
-def test_initial_migration_creates_the_enabled_tables(project, table):
-    """The hook-written migration creates exactly the tables of the enabled features."""
-    versions = list((project.path / "migrations" / "versions").glob("*_initial.py"))
-    assert len(versions) == 1
-    created = set(re.findall(r'op\.create_table\(\s*"(\w+)"', versions[0].read_text()))
-    values = table.format_values(project.context)
-    expected = {
-        table.MIGRATION_TABLES[name][0].split('"', 2)[1].format(**values)
-        for feature in table.enabled_features(project.context)
-        for name in feature.tables
-    }
-    assert created == expected
+def test_every_module_is_used_and_every_import_resolves(project_problems):
+    """From the entry points (main, gunicorn, migrations, tests, `python -m`), every module is reached
+    and every import of the project's own code names a module and a name that exist."""
+    assert project_problems["imports"] == []
 
 
-def test_structured_files_parse(project):
-    """Every YAML, TOML and JSON file parses."""
-    for path in project.files((".yml", ".yaml")):
-        list(yaml.load_all(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
-    for path in project.files((".toml",)):
-        tomllib.loads(path.read_text())
-    for path in project.files((".json",)):
-        json.loads(path.read_text())
+def test_compose_connects_what_the_code_uses(project_problems):
+    """Every host compose points the service at is a healthy, awaited service; every service is used."""
+    assert project_problems["compose"] == []
 
 
-def test_requirements_are_pinned(project):
-    """Every requirement is pinned to one version, and SQLAlchemy stays below 2.1."""
-    lines = [
-        line.split("#")[0].strip()
-        for line in (project.path / "requirements.txt").read_text().splitlines()
-    ]
-    requirements = [line for line in lines if line and not line.startswith("-")]
-    assert requirements
-    assert [r for r in requirements if "==" not in r] == []
-    sqlalchemy = next(r for r in requirements if r.lower().startswith("sqlalchemy=="))
-    assert sqlalchemy.split("==")[1].startswith("2.0.")
+def test_migrations_create_the_models_tables(project_problems):
+    """The migrations create exactly the tables the models declare."""
+    assert project_problems["migration"] == []
 
 
-def test_database_driver_matches_the_answer(project):
+def test_requirement_includes_exist(project_problems):
+    """Every `-r file` in a requirements file names a file of the project."""
+    assert project_problems["requirements"] == []
+
+
+def test_project_ci_requires_its_services(project_problems):
+    """The generated CI sets TEST_REQUIRE_SERVICES and gives the tests every service URL they read."""
+    assert project_problems["workflow"] == []
+
+
+def test_database_driver_matches_the_answer(matrix):
     """The database answer selects exactly one driver requirement."""
-    text = (project.path / "requirements.txt").read_text().lower()
-    database = project.context["database"]
-    assert ("psycopg" in text) == (database == "postgresql")
-    assert ("pymysql" in text) == (database == "mysql")
-
-
-IMPOSSIBLE = impossible_combinations()
-
-
-@pytest.mark.parametrize("answers", IMPOSSIBLE, ids=param_ids(IMPOSSIBLE))
-def test_impossible_combination_is_refused(answers, cookies, capfd, table):
-    """A combination the feature table marks impossible stops with its reason and leaves nothing."""
-    result = cookies.bake(extra_context=answers)
-    err = capfd.readouterr().err
-    assert result.exit_code != 0
-    reasons = [reason for _, _, reason in table.incompatible_answers(answers)]
-    assert any(reason in err for reason in reasons), err
+    for project in matrix.projects:
+        text = project.text("requirements.txt").lower()
+        database = project.answers["database"]
+        assert ("psycopg" in text) == (database == "postgresql"), combination_id(project.answers)
+        assert ("pymysql" in text) == (database == "mysql"), combination_id(project.answers)

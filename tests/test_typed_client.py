@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from tests.combinations import defaults
-from tests.conftest import bake_or_fail
-from tests.test_generated_suites import generated_venv  # noqa: F401 - the shared fixture
+from tests.conftest import bake_or_fail, fail_or_skip
+from tests.suites import Unavailable, build_venv, declared_python, find_python
 
 pytestmark = pytest.mark.generated_suite
 GENERATOR = Path(sys.executable).parent / "openapi-python-client"
@@ -55,9 +55,13 @@ def wait_for(url: str, server: subprocess.Popen, seconds: float = 60) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def service(cookies_session, generated_venv, tmp_path_factory):  # noqa: F811 - the imported fixture
-    """The rendered service, migrated and running; yields its base URL."""
+def service(cookies_session, tmp_path_factory):
+    """The rendered service in its own virtualenv, migrated and running; yields its base URL."""
     baked = bake_or_fail(cookies_session, {**defaults(), "database": "sqlite", "resource_name": "line_item"})
+    try:
+        venv = build_venv(baked.path, find_python(declared_python(baked.path)))
+    except Unavailable as missing:
+        fail_or_skip(str(missing))
     data = tmp_path_factory.mktemp("data")
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("TEST_", "DATABASE_URL"))}
@@ -69,7 +73,7 @@ def service(cookies_session, generated_venv, tmp_path_factory):  # noqa: F811 - 
         TRACING_ENABLED="false",
         OUTBOX_RELAY_IN_APP="false",
     )
-    flask = str(generated_venv / "bin" / "flask")
+    flask = str(venv / "bin" / "flask")
     subprocess.run([flask, "db", "upgrade"], cwd=baked.path, env=env, check=True, capture_output=True)
     server = subprocess.Popen(
         [flask, "run", "--host", "127.0.0.1", "--port", str(port)],
