@@ -1,8 +1,10 @@
-"""Jinja filters the template uses to put answers into generated files safely."""
+"""Jinja extensions the template uses: answers into generated files safely, and the hooks' way home."""
 
 import json
+import os
 
 from cookiecutter.utils import simple_filter
+from jinja2.ext import Extension
 
 
 @simple_filter
@@ -15,3 +17,19 @@ def py_string(value):
     non-ASCII text from ever breaking the generated code.
     """
     return json.dumps(str(value), ensure_ascii=False)
+
+
+class TemplateFolder(Extension):
+    """`{{ template_folder() }}` in a hook: the absolute path of the template being rendered.
+
+    The hooks need their template's folder (the pre-generation hook reads the feature
+    table in hooks/post_gen_project.py, the post-generation hook asks git for the commit).
+    The context has it as `_repo_dir` only under plain cookiecutter; cruft and other
+    callers of `generate_files` leave it out. But whoever drives cookiecutter, it renders
+    a hook while working in the template's folder (that is how it finds `hooks/`), so the
+    working directory at render time is the answer. Only meaningful inside a hook.
+    """
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        environment.globals["template_folder"] = lambda: os.path.abspath(os.getcwd())

@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import keyword
-import os
 import re
 import sys
 from pathlib import Path
 
 RENDERED_CONTEXT = r"""{{ cookiecutter | tojson }}"""
+#: The template's own folder, from the TemplateFolder extension (local_extensions.py).
+TEMPLATE_FOLDER = r'{{ template_folder() | tojson }}'  # tojson leaves no ' in it
 
 SLUG = re.compile(r"^[a-z](?:[a-z0-9]|-(?=[a-z0-9]))*$")
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
@@ -39,16 +40,14 @@ class BadAnswer(Exception):
         super().__init__(f"{question} = {value!r}: {rule}")
 
 
-def load_feature_table(context: dict):
-    """Import the post-generation hook's FEATURES table (the single source)."""
-    # cookiecutter runs this hook from the new project's folder, so a relative
-    # template path (`cookiecutter .`) is relative to where it was started.
-    repo_dir = Path(context["_repo_dir"])
-    if not repo_dir.is_absolute():
-        repo_dir = Path(os.environ.get("PWD", os.getcwd())) / repo_dir
-    path = repo_dir / "hooks" / "post_gen_project.py"
-    if not path.exists():
-        raise BadAnswer("_repo_dir", context["_repo_dir"], "the template folder was not found; pass its absolute path")
+def load_feature_table():
+    """Import the post-generation hook's FEATURES table (the single source).
+
+    The template's folder comes from the TemplateFolder extension, not from the
+    context's `_repo_dir`, which only plain cookiecutter provides: cruft (create and
+    update) renders without it.
+    """
+    path = Path(json.loads(TEMPLATE_FOLDER)) / "hooks" / "post_gen_project.py"
     spec = importlib.util.spec_from_file_location("feature_table", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
@@ -136,7 +135,7 @@ def validate(context: dict, table) -> None:
 def main() -> int:
     context = json.loads(RENDERED_CONTEXT)
     try:
-        validate(context, load_feature_table(context))
+        validate(context, load_feature_table())
     except BadAnswer as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 1

@@ -161,6 +161,7 @@ def render_deployment_files(template: Path, answers: dict) -> dict:
         )
         replay = json.loads(Path(tmp, "replay", f"{template.name}.json").read_text(encoding="utf-8"))
         hook.RENDERED_CONTEXT = json.dumps(replay["cookiecutter"])
+        hook.TEMPLATE_FOLDER = json.dumps(str(template))
         here = Path.cwd()
         os.chdir(project)
         try:
@@ -636,7 +637,7 @@ def check_manifests(resources: list[dict], overlay: str, answers: dict, where: s
 
     # Migrations: the Job upgrades, every Deployment's pods wait for it.
     job = found[("Job", f"{slug}-migrate")]
-    assert containers(job)[0]["command"] == ["flask", "db", "upgrade"], where
+    assert containers(job)[0]["command"] == ["flask", "db", "upgrade", "heads"], where
     for deployment in (resource for resource in resources if resource["kind"] == "Deployment"):
         (waiter,) = pod_specs(deployment)[0]["initContainers"]
         assert waiter["command"][:3] == ["python", "-m", "common_utils.migration_wait"], where
