@@ -708,7 +708,7 @@ def cruft_state(context: dict, template_folder: Path) -> dict | None:
         ).stdout.splitlines()
     except (OSError, ValueError, subprocess.CalledProcessError):
         return None
-    source = template_source(context.get("_template", ""), toplevel)
+    source = template_source(context, toplevel)
     # cruft keeps the answers in the order of cookiecutter.json (the rendered
     # context arrives sorted), so order them the same way for the same file.
     questions = json.loads((template_folder / "cookiecutter.json").read_text(encoding="utf-8"))
@@ -727,8 +727,13 @@ def cruft_state(context: dict, template_folder: Path) -> dict | None:
     }
 
 
-def template_source(typed: str, toplevel: str) -> str:
-    """The template's source as git can clone it: a URL as typed (abbreviations expanded), else the local checkout."""
+def template_source(context: dict, toplevel: str) -> str:
+    """The template's source as git can clone it: the local checkout, or the URL as typed (abbreviations expanded)."""
+    typed = context.get("_template", "")
+    if context.get("_repo_dir") == typed:
+        # A local folder: cookiecutter rendered it where it is. (Checked first
+        # because importing cookiecutter costs more than the rest of this hook.)
+        return toplevel
     from cookiecutter.config import BUILTIN_ABBREVIATIONS, get_user_config
     from cookiecutter.repository import expand_abbreviations, is_repo_url
 

@@ -612,6 +612,45 @@ def test_plain_cookiecutter_records_the_template_for_cruft(template_repo, tmp_pa
     )
 
 
+def test_a_cloned_template_is_recorded_by_its_url(template_repo, tmp_path):
+    """From a URL, cookiecutter clones the template; .cruft.json keeps the URL git can clone again."""
+    check_out(template_repo, "A")
+    config = tmp_path / "cookiecutter.yaml"
+    config.write_text(
+        json.dumps({"cookiecutters_dir": str(tmp_path / "clones"), "replay_dir": str(tmp_path / "r")})
+    )
+    url = template_repo["path"].resolve().as_uri()
+    out = tmp_path / "out"
+    run(
+        [
+            str(TEMPLATE_BIN / "cookiecutter"),
+            "--no-input",
+            "--config-file",
+            str(config),
+            "-o",
+            str(out),
+            f"git+{url}",
+        ],
+        tmp_path,
+    )
+    (project,) = out.iterdir()
+    state = json.loads((project / ".cruft.json").read_text())
+    assert state["template"] == url
+    assert state["commit"] == template_repo["A"]
+    assert state["context"]["cookiecutter"]["_template"] == url
+
+
+def test_a_template_without_git_says_it_cannot_be_recorded(template_repo, tmp_path):
+    """A copied folder has no commit: no .cruft.json, and a note saying how to link it later."""
+    copy = tmp_path / "copy"
+    shutil.copytree(template_repo["path"], copy, ignore=shutil.ignore_patterns(".git"))
+    out = tmp_path / "out"
+    result = run([str(TEMPLATE_BIN / "cookiecutter"), "--no-input", "-o", str(out), str(copy)], tmp_path)
+    (project,) = out.iterdir()
+    assert not (project / ".cruft.json").exists()
+    assert "cruft link" in result.stderr
+
+
 def test_cruft_create_and_cookiecutter_give_byte_identical_projects(template_repo, tmp_path):
     """The hooks work under cruft, and rendering is deterministic: same answers and commit, same bytes."""
     check_out(template_repo, "A")
