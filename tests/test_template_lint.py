@@ -18,10 +18,13 @@ def test_template_python_passes_ruff():
 
 
 def test_post_generation_hook_has_no_stray_template_tags():
-    """The hook is rendered by Jinja: its only tag is the rendered context line."""
+    """The hook is rendered by Jinja: its only tags are the rendered context and template folder lines."""
     source = (TEMPLATE / "hooks" / "post_gen_project.py").read_text()
     tagged = [line for line in source.splitlines() if "{{" in line or "{%" in line or "{#" in line]
-    assert tagged == ['RENDERED_CONTEXT = r"""{{ cookiecutter | tojson }}"""']
+    assert tagged == [
+        'RENDERED_CONTEXT = r"""{{ cookiecutter | tojson }}"""',
+        "TEMPLATE_FOLDER = r'{{ template_folder() | tojson }}'  # tojson leaves no ' in it",
+    ]
 
 
 def test_every_feature_file_exists_in_the_template_and_has_one_owner():

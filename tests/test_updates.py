@@ -84,8 +84,8 @@ class Note(db.Model):
 
     __tablename__ = "notes"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    text: Mapped[str] = mapped_column(String(200))
+    id = db.Column(db.Integer, primary_key=True)
+    text = db.Column(db.String(200), nullable=False)
 '''
 TEAM_TEST = '''"""The team's own test: its Note model round-trips through the database."""
 
