@@ -4,6 +4,7 @@ import json
 import os
 
 from cookiecutter.utils import simple_filter
+from jinja2 import pass_context
 from jinja2.ext import Extension
 
 
@@ -24,12 +25,22 @@ class TemplateFolder(Extension):
 
     The hooks need their template's folder (the pre-generation hook reads the feature
     table in hooks/post_gen_project.py, the post-generation hook asks git for the commit).
-    The context has it as `_repo_dir` only under plain cookiecutter; cruft and other
-    callers of `generate_files` leave it out. But whoever drives cookiecutter, it renders
-    a hook while working in the template's folder (that is how it finds `hooks/`), so the
-    working directory at render time is the answer. Only meaningful inside a hook.
+    The context has it as `_repo_dir` only under plain cookiecutter, and there it may be
+    relative to wherever cookiecutter was started; cruft and other callers of
+    `generate_files` leave it out. But whoever drives cookiecutter, it renders a hook
+    while working in the template's folder (that is how it finds `hooks/`), so the
+    working directory at render time is the answer, unless an absolute `_repo_dir` (set
+    by a caller that renders hooks from elsewhere) says otherwise.
     """
 
     def __init__(self, environment):
         super().__init__(environment)
-        environment.globals["template_folder"] = lambda: os.path.abspath(os.getcwd())
+        environment.globals["template_folder"] = template_folder
+
+
+@pass_context
+def template_folder(context) -> str:
+    repo_dir = context.get("cookiecutter", {}).get("_repo_dir")
+    if repo_dir and os.path.isabs(repo_dir):
+        return repo_dir
+    return os.path.abspath(os.getcwd())
