@@ -121,6 +121,15 @@ def unresolved_files() -> list[str]:
 
 
 def main() -> int:
+    try:
+        git("rev-parse", "--verify", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        print(
+            "This needs the service in a git repository with a commit from before the update "
+            "(to put back a migration the update deleted).",
+            file=sys.stderr,
+        )
+        return 1
     for removed in restore_deleted_migrations():
         path = write_removal(removed)
         print(f"Kept {removed} (applied migrations stay) and wrote {path.relative_to(PROJECT)}: review it.")
