@@ -1,11 +1,37 @@
-"""Jinja extensions the template uses: answers into generated files safely, and the hooks' way home."""
+"""Jinja extensions the template uses: answers into generated files safely, and the hooks' way home.
+
+cookiecutter imports this module before it asks the first question, which is
+also what lets it keep a refused answer's output to what helps (see
+QuietRefusedAnswer).
+"""
 
 import json
+import logging
 import os
 
 from cookiecutter.utils import simple_filter
 from jinja2 import pass_context
 from jinja2.ext import Extension
+
+
+class QuietRefusedAnswer(logging.Filter):
+    """Drop cookiecutter's traceback after the pre-generation hook refused an answer.
+
+    The hook has already printed the one ERROR line naming the answer and the
+    rule, and the command that asks again with the other answers kept;
+    cookiecutter would follow that with an ERROR line of its own and the
+    FailedHookException traceback, which say nothing more. A hook that
+    crashes still shows its own traceback, and post-generation failures are
+    not touched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg.startswith("Stopping generation because") and record.args == ("pre_gen_project",))
+
+
+_hooks_logger = logging.getLogger("cookiecutter.hooks")
+if not any(isinstance(existing, QuietRefusedAnswer) for existing in _hooks_logger.filters):
+    _hooks_logger.addFilter(QuietRefusedAnswer())
 
 
 @simple_filter

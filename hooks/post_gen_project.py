@@ -51,6 +51,9 @@ class Feature:
     tables: tuple[str, ...] = ()
     #: One line for the summary printed after generation.
     summary: str = ""
+    #: Short name for the summary's "Left off" list when the feature is off;
+    #: empty for rows that are not an option of their own (a database, a transport).
+    title: str = ""
     #: Answers the feature cannot work with, each with the reason:
     #: (({question: value, ...}, reason), ...). The pre-generation hook rejects them.
     incompatible: tuple[tuple[dict, str], ...] = ()
@@ -105,6 +108,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="api_versioning",
+        title="API versioning",
         when={"use_api_versioning": True},
         files=(
             "common_utils/versioning.py",
@@ -115,6 +119,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="metrics",
+        title="Prometheus metrics",
         when={"use_metrics": True},
         files=(
             "common_utils/metrics.py",
@@ -127,6 +132,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="service_registry",
+        title="Consul service registry",
         when={"use_service_registry": True},
         files=(
             "common_utils/service_registry.py",
@@ -140,6 +146,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="tracing",
+        title="OpenTelemetry tracing",
         when={"use_tracing": True},
         files=(
             "common_utils/tracing.py",
@@ -156,6 +163,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="circuit_breaker",
+        title="Circuit breakers and HTTP client",
         when={"use_circuit_breaker": True},
         files=(
             "common_utils/circuit_breaker.py",
@@ -173,6 +181,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="rate_limiting",
+        title="Rate limiting",
         when={"use_rate_limiting": True},
         files=("common_utils/rate_limiting.py", "tests/test_rate_limiting.py"),
         compose_services=("redis",),
@@ -181,6 +190,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="outbox",
+        title="Transactional outbox",
         when={"outbox": ("rabbitmq", "in_process")},
         files=(
             "common_utils/outbox",
@@ -208,6 +218,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="kubernetes",
+        title="Kubernetes manifests",
         when={"use_kubernetes": True},
         files=(
             "deploy/kubernetes",
@@ -362,10 +373,21 @@ MIGRATION_TABLES: dict[str, tuple[str, str]] = {
         sa.Column("quantity", sa.Integer(), nullable=False),
         sa.Column("unit_price", sa.Numeric(precision=10, scale=2), nullable=False),
         sa.Column("status", sa.String(length=20), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        # Microseconds on MySQL too (its DATETIME keeps whole seconds by default).
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+            nullable=False,
+        ),
+        sa.Column(
+            "updated_at",
+            sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+            nullable=False,
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_{resource_plural}")),
         sa.UniqueConstraint("name", name=op.f("uq_{resource_plural}_name")),
+        # Ids are never reused on SQLite either (AUTOINCREMENT).
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f("ix_{resource_plural}_status"), "{resource_plural}", ["status"])
 """,
@@ -376,8 +398,6 @@ MIGRATION_TABLES: dict[str, tuple[str, str]] = {
     ),
     "outbox_events": (
         """\
-    from sqlalchemy.dialects import mysql
-
     op.create_table(
         "outbox_events",
         sa.Column(
@@ -438,8 +458,6 @@ MIGRATION_TABLES: dict[str, tuple[str, str]] = {
     ),
     "processed_messages": (
         """\
-    from sqlalchemy.dialects import mysql
-
     op.create_table(
         "processed_messages",
         sa.Column("consumer", sa.String(length=100), nullable=False),
@@ -476,6 +494,7 @@ applied it. Change the schema with a new migration (`make migrate`).
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 
 revision = "{revision}"
 down_revision = {down_revision}
@@ -763,14 +782,43 @@ def write_cruft_file(project: Path, context: dict) -> None:
         )
 
 
+#: The choices that shape the whole project, named first in the summary.
+SUMMARY_CHOICES = {"python_version": "Python", "database": "Database", "outbox": "Outbox"}
+
+
+def answer_text(value) -> str:
+    """An answer as cookiecutter takes it on the command line (use_x=yes)."""
+    if isinstance(value, tuple):
+        return " or ".join(answer_text(item) for item in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def print_summary(project: Path, context: dict) -> None:
     values = format_values(context)
-    lines = [f"Created {project}", "Features:"]
+    lines = [f"Created {project}"]
+    width = max(len(label) for label in SUMMARY_CHOICES.values()) + 1
+    lines += [
+        f"  {label + ':':<{width}} {context[key]}"
+        for key, label in SUMMARY_CHOICES.items()
+        if key in context
+    ]
+    lines.append("Features:")
     lines += [
         f"  - {feature.summary.format(**values)}"
         for feature in enabled_features(context)
         if feature.summary
     ]
+    left_off = [feature for feature in FEATURES if feature.title and not feature.is_enabled(context)]
+    if left_off:
+        lines.append("Left off (generate again with the answer shown to add one):")
+        lines += [
+            "  - " + feature.title + ": " + ", ".join(
+                f"{key}={answer_text(value)}" for key, value in feature.when.items()
+            )
+            for feature in left_off
+        ]
     lines += [
         "Next:",
         f"  cd {project}",

@@ -1,7 +1,9 @@
 """Check every answer before anything is written.
 
 On the first bad answer this prints one line naming the question, the value
-and the rule, and exits 1; cookiecutter then removes the half-made folder.
+and the rule, then the command that asks the questions again with every
+other answer kept as the default, and exits 1; cookiecutter then removes the
+half-made folder (and local_extensions.py keeps its traceback off the screen).
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import keyword
+import os
 import re
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,6 +27,9 @@ IDENTIFIER = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 API_VERSION = re.compile(r"^v[1-9][0-9]*$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+# Jinja's opening tags, spelled so that cookiecutter rendering this hook leaves them be.
+JINJA_TAGS = ("{" + "{", "{" + "%", "{" + "#")
+RAW_START, RAW_END = "{" + "% raw %" + "}", "{" + "% endraw %" + "}"
 
 #: Names the generated service already uses for its URLs, modules or tables.
 RESERVED_RESOURCE_NAMES = frozenset(
@@ -38,16 +46,22 @@ RESERVED_RESOURCE_NAMES = frozenset(
 class BadAnswer(Exception):
     def __init__(self, question: str, value, rule: str):
         super().__init__(f"{question} = {value!r}: {rule}")
+        self.question = question
+
+
+def template_dir() -> Path:
+    """The template's folder, from the TemplateFolder extension (local_extensions.py).
+
+    Not the context's `_repo_dir`, which only plain cookiecutter provides (and
+    relative to where it was started): cruft (create and update) renders
+    without it.
+    """
+    return Path(json.loads(TEMPLATE_FOLDER))
 
 
 def load_feature_table():
-    """Import the post-generation hook's FEATURES table (the single source).
-
-    The template's folder comes from the TemplateFolder extension, not from the
-    context's `_repo_dir`, which only plain cookiecutter provides: cruft (create and
-    update) renders without it.
-    """
-    path = Path(json.loads(TEMPLATE_FOLDER)) / "hooks" / "post_gen_project.py"
+    """Import the post-generation hook's FEATURES table (the single source)."""
+    path = template_dir() / "hooks" / "post_gen_project.py"
     spec = importlib.util.spec_from_file_location("feature_table", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
@@ -132,12 +146,82 @@ def validate(context: dict, table) -> None:
         raise BadAnswer(question, value, f"cannot be combined with {with_text}: {reason}")
 
 
+def cookiecutter_command() -> str:
+    """How to start the cookiecutter that is running this hook, from the user's shell."""
+    # Hooks run with cookiecutter's own interpreter; its script sits beside it.
+    script = Path(sys.executable).parent / "cookiecutter"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m cookiecutter"
+    on_path = shutil.which("cookiecutter")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return "cookiecutter"
+    return shlex.quote(str(script))
+
+
+def as_extra_context(value) -> str | None:
+    """An answer as cookiecutter's KEY=VALUE argument takes it, or None if it cannot be."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    value = str(value)
+    # cookiecutter renders the defaults it shows with Jinja: keep braces literal.
+    if any(tag in value for tag in JINJA_TAGS):
+        if "endraw" in value:
+            return None  # cannot be kept literal; the question shows its default instead
+        value = RAW_START + value + RAW_END
+    return value
+
+
+def default_answer(raw, context: dict):
+    """What cookiecutter offers for a question when nothing is typed, given the other answers."""
+    if isinstance(raw, list):
+        return raw[0]
+    if isinstance(raw, str) and any(tag in raw for tag in JINJA_TAGS):
+        try:  # hooks run with cookiecutter's own interpreter
+            from cookiecutter.environment import StrictEnvironment
+        except ImportError:
+            return None  # cannot tell: the answer is kept
+        return StrictEnvironment().from_string(raw).render(cookiecutter=context)
+    return raw
+
+
+def rerun_command(context: dict, question: str) -> str | None:
+    """The command that asks every question again, each answer but `question`'s kept as the default.
+
+    An answer that is what the template offers anyway (its default, or what
+    it derives from the other answers, like service_slug from service_name)
+    is left out, so the command shows what was really chosen, and an answer
+    derived from the refused one (resource_plural) is derived again.
+    """
+    questions_file = template_dir() / "cookiecutter.json"
+    if not questions_file.exists():
+        return None
+    raw = json.loads(questions_file.read_text(encoding="utf-8"))
+    arguments = []
+    for key, default in raw.items():
+        if key.startswith("_") or key == question or context.get(key) == default_answer(default, context):
+            continue
+        text = as_extra_context(context.get(key))
+        if text is not None:
+            arguments.append(shlex.quote(f"{key}={text}"))
+    options = []
+    output_dir = context.get("_output_dir")
+    if output_dir and Path(output_dir) != Path(os.environ.get("PWD", os.getcwd())):
+        options += ["--output-dir", shlex.quote(output_dir)]
+    if context.get("_checkout"):
+        options += ["--checkout", shlex.quote(context["_checkout"])]
+    return " ".join([cookiecutter_command(), *options, shlex.quote(context["_template"]), *arguments])
+
+
 def main() -> int:
     context = json.loads(RENDERED_CONTEXT)
     try:
         validate(context, load_feature_table())
     except BadAnswer as error:
         print(f"ERROR: {error}", file=sys.stderr)
+        command = rerun_command(context, error.question)
+        if command:
+            print("Ask again, with every other answer kept as the default (Enter keeps it):", file=sys.stderr)
+            print(f"    {command}", file=sys.stderr)
         return 1
     return 0
 

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.combinations import TEMPLATE
 
 
@@ -17,9 +19,10 @@ def test_template_python_passes_ruff():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_post_generation_hook_has_no_stray_template_tags():
-    """The hook is rendered by Jinja: its only tags are the rendered context and template folder lines."""
-    source = (TEMPLATE / "hooks" / "post_gen_project.py").read_text()
+@pytest.mark.parametrize("hook", ["pre_gen_project.py", "post_gen_project.py"])
+def test_hooks_have_no_stray_template_tags(hook):
+    """A hook is rendered by Jinja: its only tags are the rendered context and template folder lines."""
+    source = (TEMPLATE / "hooks" / hook).read_text()
     tagged = [line for line in source.splitlines() if "{{" in line or "{%" in line or "{#" in line]
     assert tagged == [
         'RENDERED_CONTEXT = r"""{{ cookiecutter | tojson }}"""',

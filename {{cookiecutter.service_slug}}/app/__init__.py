@@ -48,7 +48,7 @@ from app.routes import health
 {%- if cookiecutter.use_api_versioning %}
 from app.routes_versioned import create_api_blueprint
 {%- endif %}
-from app.schemas import DecimalString
+from app.schemas import Money
 from common_utils.health import add_readiness_check
 from config import Config
 
@@ -68,8 +68,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 {%- if cookiecutter.use_tracing %}
     tracer.init_app(app)  # early: its before_request must run before any that can answer first
 {%- endif %}
+    # info.version is the service's release, which a generated client package
+    # takes as its version; flask-smorest would prefer API_VERSION (in the paths).
     api = ServiceApi(app, spec_kwargs={"version": app.config["SERVICE_VERSION"]})
-    api.register_field(DecimalString, "string", "decimal")  # before any schema is documented
+    api.spec.version = app.config["SERVICE_VERSION"]
+    api.register_field(Money, "string", "decimal")  # before any schema is documented
     errors.init_app(app)  # after flask-smorest, whose own error handler it replaces
 
     app.register_blueprint(health)

@@ -3,7 +3,10 @@
 The views are attached to whichever blueprint serves the API, so the same
 code can be mounted once per API version. flask-smorest validates every
 request body and query string with the schemas and builds the OpenAPI
-document from these decorators.
+document from these decorators: each operation has a readable operationId
+(list_{{ cookiecutter.resource_plural }}, create_{{ cookiecutter.resource_name }}, ...) and documents every error status it can
+answer with the error body's schema, so a client generated from the
+document gets named functions and typed errors.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from flask_smorest import Blueprint, abort
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from app.errors import ErrorResponseSchema
 from app.extensions import db
 from app.models import {{ cookiecutter.__resource_class }}
 from app.schemas import (
@@ -29,6 +33,22 @@ from app.schemas import (
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Ids are 32-bit on every database; a bigger one can only be unknown.
 ID_RULE = "<int(max=2147483647):item_id>"
+
+SINGULAR = "{{ cookiecutter.resource_name.replace('_', ' ') }}"
+#: Why each error status can happen; every one is answered with ErrorResponseSchema.
+ERROR_DESCRIPTIONS = {
+    400: "The body is not valid JSON (`malformed_json`).",
+    404: f"No {SINGULAR} has this id (`not_found`).",
+    409: f"Another {SINGULAR} already has this name (`conflict`).",
+    413: "The body is larger than MAX_CONTENT_LENGTH (`payload_too_large`).",
+    415: "The body is not sent as application/json (`unsupported_media_type`).",
+    429: "Too many requests from this client; retry after Retry-After seconds (`rate_limited`).",
+    500: "A bug in the service; its log has the details under the request id (`internal_error`).",
+}
+#: Errors any operation can answer, whatever it is sent.
+ANY_REQUEST_ERRORS = [{% if cookiecutter.use_rate_limiting %}429, {% endif %}500]
+#: Errors of a write with a body, besides 422 (documented with the body's schema).
+WRITE_ERRORS = (400, 409, 413, 415)
 
 
 def require_json_body() -> None:
@@ -65,20 +85,39 @@ def commit_or_409() -> None:
         )
 
 
+def documented(blueprint: Blueprint, operation_id: str, *errors: int) -> Callable:
+    """Name a view's operation and document the errors it can answer, besides ANY_REQUEST_ERRORS."""
+
+    def decorate(view: Callable) -> Callable:
+        for status in sorted({*errors, *ANY_REQUEST_ERRORS}, reverse=True):
+            view = blueprint.alt_response(
+                status, schema=ErrorResponseSchema, description=ERROR_DESCRIPTIONS[status]
+            )(view)
+        return blueprint.doc(operationId=operation_id)(view)
+
+    return decorate
+
+
 def register_{{ cookiecutter.resource_name }}_routes(
-    blueprint: Blueprint, view_decorators: Iterable[Callable] = ()
+    blueprint: Blueprint, view_decorators: Iterable[Callable] = (), operation_suffix: str = ""
 ) -> None:
     """Attach the {{ cookiecutter.resource_plural.replace('_', ' ') }} endpoints to `blueprint`.
 
     `view_decorators` wrap every view, for example to mark them as served by
-    the latest API version.
+    the latest API version. operationIds must be unique in the document: when
+    two blueprints serve these views (two API versions), give one of them an
+    `operation_suffix` ("_v1" makes list_{{ cookiecutter.resource_plural }}_v1).
     """
     blueprint.before_request(require_json_body)
+
+    def operation(name: str, *errors: int) -> Callable:
+        return documented(blueprint, name + operation_suffix, *errors)
 
     @blueprint.route("/{{ cookiecutter.resource_plural.replace('_', '-') }}")
     class {{ cookiecutter.__resource_class }}Collection(MethodView):
         decorators = list(view_decorators)
 
+        @operation("list_{{ cookiecutter.resource_plural }}")
         @blueprint.arguments(PaginationQuerySchema, location="query")
         @blueprint.response(200, {{ cookiecutter.__resource_class }}PageSchema)
         def get(self, pagination):
@@ -99,9 +138,9 @@ def register_{{ cookiecutter.resource_name }}_routes(
                 "pages": ceil(total / page_size),
             }
 
+        @operation("create_{{ cookiecutter.resource_name }}", *WRITE_ERRORS)
         @blueprint.arguments({{ cookiecutter.__resource_class }}Schema)
         @blueprint.response(201, {{ cookiecutter.__resource_class }}Schema)
-        @blueprint.alt_response(409, description="The name is already used.")
         def post(self, data):
             """Create a {{ cookiecutter.resource_name.replace('_', ' ') }}."""
             item = {{ cookiecutter.__resource_class }}(**data)
@@ -114,14 +153,15 @@ def register_{{ cookiecutter.resource_name }}_routes(
     class {{ cookiecutter.__resource_class }}Item(MethodView):
         decorators = list(view_decorators)
 
+        @operation("get_{{ cookiecutter.resource_name }}", 404)
         @blueprint.response(200, {{ cookiecutter.__resource_class }}Schema)
         def get(self, item_id):
             """Get one {{ cookiecutter.resource_name.replace('_', ' ') }}."""
             return get_or_404(item_id)
 
+        @operation("replace_{{ cookiecutter.resource_name }}", 404, *WRITE_ERRORS)
         @blueprint.arguments({{ cookiecutter.__resource_class }}Schema)
         @blueprint.response(200, {{ cookiecutter.__resource_class }}Schema)
-        @blueprint.alt_response(409, description="The name is already used.")
         def put(self, data, item_id):
             """Replace a {{ cookiecutter.resource_name.replace('_', ' ') }}; omitted optional fields are reset."""
             item = get_or_404(item_id)
@@ -131,9 +171,9 @@ def register_{{ cookiecutter.resource_name }}_routes(
             commit_or_409()
             return item
 
+        @operation("update_{{ cookiecutter.resource_name }}", 404, *WRITE_ERRORS)
         @blueprint.arguments({{ cookiecutter.__resource_class }}UpdateSchema)
         @blueprint.response(200, {{ cookiecutter.__resource_class }}Schema)
-        @blueprint.alt_response(409, description="The name is already used.")
         def patch(self, data, item_id):
             """Change some fields of a {{ cookiecutter.resource_name.replace('_', ' ') }}."""
             item = get_or_404(item_id)
@@ -142,6 +182,7 @@ def register_{{ cookiecutter.resource_name }}_routes(
             commit_or_409()
             return item
 
+        @operation("delete_{{ cookiecutter.resource_name }}", 404)
         @blueprint.response(204)
         def delete(self, item_id):
             """Delete a {{ cookiecutter.resource_name.replace('_', ' ') }}."""

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from sqlalchemy import DateTime, Numeric, String, Text, TypeDecorator
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
@@ -28,11 +29,18 @@ class UTCDateTime(TypeDecorator):
     """A timestamp that is always timezone-aware UTC in Python.
 
     PostgreSQL keeps the offset; SQLite and MySQL do not, so values are
-    stored as naive UTC there and given their UTC zone back when loaded.
+    stored as naive UTC there and given their UTC zone back when loaded. On
+    MySQL and MariaDB the column is DATETIME(6): a plain DATETIME drops the
+    microseconds.
     """
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=True))
 
     def process_bind_param(self, value, dialect):
         if value is None:
@@ -50,6 +58,10 @@ class UTCDateTime(TypeDecorator):
 
 class {{ cookiecutter.__resource_class }}({% if cookiecutter.outbox != "none" %}OutboxMixin, {% endif %}db.Model):
     __tablename__ = "{{ cookiecutter.resource_plural }}"
+    # Ids are never reused, even the highest one after a delete: events and
+    # caches refer to them. PostgreSQL sequences and MySQL AUTO_INCREMENT never
+    # reuse; SQLite needs AUTOINCREMENT for that.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(120), unique=True)

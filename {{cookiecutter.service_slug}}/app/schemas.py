@@ -1,21 +1,45 @@
 """Request and response schemas; flask-smorest validates with them and documents them."""
 
+import re
 from decimal import Decimal
 
 from marshmallow import Schema, fields, validate
 
 from app.models import STATUSES
 
+#: An amount of money as the API accepts it: up to eight digits before the point
+#: (no sign, no leading zero) and up to two after it, as NUMERIC(10, 2) stores it.
+MONEY_PATTERN = r"^(0|[1-9][0-9]{0,7})(\.[0-9]{1,2})?$"
 
-class DecimalString(fields.Decimal):
-    """A decimal that travels as a JSON string ("9.99"), so no precision is lost on the way.
 
-    create_app documents it as an OpenAPI string: a plain Decimal field would
-    be documented as a number, which is not what clients receive.
+class Money(fields.Decimal):
+    """An exact amount that travels as a JSON string ("9.99"), never as a JSON number.
+
+    The contract is MONEY_PATTERN, enforced here and published in the OpenAPI
+    document. Anything else is refused (a 422 naming the field), never
+    rounded: "12.345" is an error, not 12.34; "1e2", " 1.00" and "-1" are
+    errors; a JSON number is refused because a float may have lost cents
+    before the service sees it. An accepted amount is returned with exactly
+    two decimals ("12.3" is stored and shown as "12.30"). create_app
+    documents the field as an OpenAPI string.
     """
 
+    default_error_messages = {
+        "invalid_amount": "Not a valid amount: send a string with at most 8 digits before the "
+        'point and 2 after it, without sign, spaces or exponent, like "9.99".',
+    }
+    # fullmatch on the pattern without its anchors: in Python "$" also matches
+    # before a trailing newline, which the JSON Schema pattern does not allow.
+    regex = re.compile(MONEY_PATTERN.removeprefix("^").removesuffix("$"))
+
     def __init__(self, **kwargs):
-        super().__init__(as_string=True, **kwargs)
+        metadata = {"pattern": MONEY_PATTERN, **kwargs.pop("metadata", {})}
+        super().__init__(places=2, as_string=True, metadata=metadata, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs) -> Decimal:
+        if not isinstance(value, str) or not self.regex.fullmatch(value):
+            raise self.make_error("invalid_amount")
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 class {{ cookiecutter.__resource_class }}Schema(Schema):
@@ -27,20 +51,20 @@ class {{ cookiecutter.__resource_class }}Schema(Schema):
     quantity = fields.Integer(
         required=True, strict=True, validate=validate.Range(min=0, max=1_000_000_000)
     )
-    unit_price = DecimalString(
-        required=True,
-        places=2,
-        allow_nan=False,
-        validate=validate.Range(min=Decimal("0"), max=Decimal("99999999.99")),
-        metadata={"pattern": r"^[0-9]{1,8}(\.[0-9]{1,2})?$", "example": "9.99"},
-    )
+    unit_price = Money(required=True, metadata={"example": "9.99"})
     status = fields.String(load_default="draft", validate=validate.OneOf(STATUSES))
     created_at = fields.AwareDateTime(dump_only=True)
     updated_at = fields.AwareDateTime(dump_only=True)
 
 
 class {{ cookiecutter.__resource_class }}UpdateSchema({{ cookiecutter.__resource_class }}Schema):
-    """The fields of a partial update (PATCH): any subset, same rules."""
+    """The fields of a partial update (PATCH): any subset, same rules.
+
+    status has no default here: a field that is not sent is not changed, and a
+    documented default would make generated clients send it.
+    """
+
+    status = fields.String(validate=validate.OneOf(STATUSES))
 
     def __init__(self, **kwargs):
         super().__init__(partial=True, **kwargs)

@@ -2,6 +2,8 @@
 
 from datetime import datetime
 
+import pytest
+
 
 def create(client, url, body):
     response = client.post(url, json=body)
@@ -90,3 +92,25 @@ def test_openapi_document_describes_the_api(client, collection_url):
     assert set(spec["paths"][collection_url]) >= {"get", "post"}
     assert set(spec["paths"][item_path]) >= {"get", "put", "patch", "delete"}
     assert "{{ cookiecutter.__resource_class }}" in spec["components"]["schemas"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("12", "12.00"),
+        ("12.3", "12.30"),
+        ("12.30", "12.30"),
+        ("0.5", "0.50"),
+        ("0", "0.00"),
+        ("0.01", "0.01"),
+        ("99999999.99", "99999999.99"),
+    ],
+)
+def test_money_is_stored_exactly_as_sent(client, collection_url, new_item, sent, stored):
+    """An amount the contract allows is kept to the cent: written, read back and listed unchanged."""
+    created = create(client, collection_url, {**new_item, "unit_price": sent}).get_json()
+    assert created["unit_price"] == stored
+    assert client.get(f"{collection_url}/{created['id']}").get_json()["unit_price"] == stored
+    assert client.get(collection_url).get_json()["items"][0]["unit_price"] == stored
+    patched = client.patch(f"{collection_url}/{created['id']}", json={"unit_price": sent})
+    assert patched.get_json()["unit_price"] == stored

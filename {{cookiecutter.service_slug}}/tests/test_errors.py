@@ -53,6 +53,48 @@ def test_validation_failure_is_422_with_field_details(client, collection_url, bo
     assert field in error["details"]["json"]
 
 
+#: Amounts the contract forbids: more than two decimals, exponents, JSON numbers,
+#: spaces, signs, leading zeros, more than eight integer digits, not a number.
+FORBIDDEN_AMOUNTS = [
+    "12.345",
+    "1.999",
+    "0.005",
+    "1e2",
+    "1E2",
+    100,
+    12.5,
+    True,
+    None,
+    " 1.00",
+    "1.00 ",
+    "12\n",
+    "-1",
+    "+1",
+    "01.50",
+    "1,00",
+    "12.",
+    ".5",
+    "123456789",
+    "NaN",
+    "Infinity",
+    "",
+    "\u0661\u0662",  # Arabic-Indic digits
+]
+
+
+@pytest.mark.parametrize("amount", FORBIDDEN_AMOUNTS, ids=repr)
+def test_money_the_contract_forbids_is_422_and_nothing_changes(client, collection_url, new_item, amount):
+    """A forbidden amount is refused naming unit_price, on create, replace and patch; nothing is rounded and stored."""
+    error = error_of(client.post(collection_url, json={**new_item, "unit_price": amount}), 422, "validation_error")
+    assert list(error["details"]["json"]) == ["unit_price"]
+    created = client.post(collection_url, json=new_item).get_json()
+    item_url = f"{collection_url}/{created['id']}"
+    error_of(client.patch(item_url, json={"unit_price": amount}), 422, "validation_error")
+    error_of(client.put(item_url, json={**new_item, "unit_price": amount}), 422, "validation_error")
+    assert client.get(item_url).get_json() == created
+    assert client.get(collection_url).get_json()["total"] == 1
+
+
 def test_json_that_is_not_an_object_is_422(client, collection_url):
     """A JSON list or string where an object is expected is a validation error."""
     error_of(client.post(collection_url, json=["a"]), 422, "validation_error")

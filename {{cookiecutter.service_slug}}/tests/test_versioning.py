@@ -1,6 +1,7 @@
 """API versioning: versions side by side, redirects to the latest, unknown versions, deprecation."""
 
 import pytest
+from openapi_spec_validator import validate
 
 from app.extensions import versioned_api
 from app.routes_versioned import create_api_blueprint
@@ -14,7 +15,8 @@ def two_version_app(make_app, app):
     first = app.config["API_VERSION"]
     second = f"v{int(first[1:]) + 1}"
     two = make_app(LATEST_API_VERSION=second, DEPRECATED_API_VERSIONS={first: "2027-06-30"})
-    versioned_api.register_version(second, create_api_blueprint(second), app=two)
+    blueprint = create_api_blueprint(second, operation_suffix=f"_{second}")
+    versioned_api.register_version(second, blueprint, app=two)
     return two, first, second
 
 
@@ -88,11 +90,15 @@ def test_deprecated_version_carries_deprecation_and_sunset(two_version_app):
 
 
 def test_openapi_documents_every_version(two_version_app):
-    """The OpenAPI document lists the paths of each registered version."""
+    """The OpenAPI document lists the paths of each registered version, with distinct operationIds."""
     app, first, second = two_version_app
-    paths = app.test_client().get("/api/openapi.json").get_json()["paths"]
+    spec = app.test_client().get("/api/openapi.json").get_json()
+    paths = spec["paths"]
     assert f"/api/{first}/{RESOURCE}" in paths
     assert f"/api/{second}/{RESOURCE}" in paths
+    assert paths[f"/api/{first}/{RESOURCE}"]["get"]["operationId"] == "list_{{ cookiecutter.resource_plural }}"
+    assert paths[f"/api/{second}/{RESOURCE}"]["get"]["operationId"] == f"list_{{ cookiecutter.resource_plural }}_{second}"
+    validate(spec)  # openapi-spec-validator also refuses duplicate operationIds
 
 
 def test_registering_a_version_twice_is_refused(make_app, app):
