@@ -487,9 +487,9 @@ Revision ID: {revision}
 Revises:{revises}
 Create Date: written by the project template
 
-The template writes this file, with this revision, into every service that has
-the {feature} feature, and a template update never changes it: databases have
-applied it. Change the schema with a new migration (`make migrate`).
+The template writes this file, with this revision, into
+{services}, and a template update never changes it: databases
+have applied it. Change the schema with a new migration (`make migrate`).
 """
 
 import sqlalchemy as sa
@@ -690,7 +690,7 @@ def migration_sources(context: dict) -> dict[str, str]:
             title=f"{owner[0].upper()}{owner[1:]}: {table_names}.",
             revision=revision,
             revises=f" {down_revision}" if down_revision else "",
-            feature=feature.name,
+            services="every service" if feature is core else f"every service with the {feature.name} feature",
             down_revision=json.dumps(down_revision) if down_revision else "None",
             upgrade="".join(MIGRATION_TABLES[table][0].format(**values) for table in feature.tables),
             downgrade="".join(
