@@ -2,26 +2,32 @@
 
 Everything here is driven by one table, FEATURES: each row says when a
 feature is on, which files it owns, which docker-compose services it needs,
-what it adds to the service's environment and which tables its part of the
-initial migration creates. Removing files, writing docker-compose.yml and
-writing the initial migration all read that table and nothing else, and the
-template's own tests import it, so there is no second list to keep in step.
+what it adds to the service's environment and which tables its migration
+creates. Removing files, writing docker-compose.yml and writing the
+migrations all read that table and nothing else, and the template's own
+tests import it, so there is no second list to keep in step.
 
-This file is valid Python before Jinja renders it (the only template tag is
-inside RENDERED_CONTEXT), which is what lets the pre-generation hook and the
-tests import the table.
+It also records where the project came from (.cruft.json: the template's
+source, commit and the answers), so the service can take template updates
+with cruft.
+
+This file is valid Python before Jinja renders it (the only template tags are
+inside the RENDERED_CONTEXT and TEMPLATE_FOLDER strings), which is what lets
+the pre-generation hook and the tests import the table.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 RENDERED_CONTEXT = r"""{{ cookiecutter | tojson }}"""
+#: The template's own folder, from the TemplateFolder extension (local_extensions.py).
+TEMPLATE_FOLDER = r'{{ template_folder() | tojson }}'  # tojson leaves no ' in it
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,8 @@ class Feature:
     environment: dict = field(default_factory=dict)
     #: "named-volume:/path" mounts the service's own containers get in docker-compose.yml.
     volumes: tuple[str, ...] = ()
-    #: Names from MIGRATION_TABLES that the initial migration creates.
+    #: Names from MIGRATION_TABLES that the feature's own migration creates
+    #: (migrations/versions/<name>_0001.py, see migration_revision).
     tables: tuple[str, ...] = ()
     #: One line for the summary printed after generation.
     summary: str = ""
@@ -353,8 +360,8 @@ COMPOSE_SERVICES: dict[str, dict] = {
 #: Named volumes a compose service keeps its data in.
 COMPOSE_VOLUMES = {"postgres": "postgres-data", "mysql": "mysql-data", "rabbitmq": "rabbitmq-data"}
 
-#: Tables of the initial migration: (upgrade code, downgrade code). Formatted
-#: with the validated resource names only.
+#: Tables the features' migrations create: (upgrade code, downgrade code).
+#: Formatted with the validated resource names only.
 MIGRATION_TABLES: dict[str, tuple[str, str]] = {
     "resource": (
         """\
@@ -474,11 +481,15 @@ MIGRATION_TABLES: dict[str, tuple[str, str]] = {
 }
 
 MIGRATION_TEMPLATE = '''\
-"""Initial schema: {table_list}.
+"""{title}
 
 Revision ID: {revision}
-Revises:
+Revises:{revises}
 Create Date: written by the project template
+
+The template writes this file, with this revision, into
+{services}, and a template update never changes it: databases
+have applied it. Change the schema with a new migration (`make migrate`).
 """
 
 import sqlalchemy as sa
@@ -486,7 +497,7 @@ from alembic import op
 from sqlalchemy.dialects import mysql
 
 revision = "{revision}"
-down_revision = None
+down_revision = {down_revision}
 branch_labels = None
 depends_on = None
 
@@ -584,7 +595,8 @@ def compose_document(context: dict) -> dict:
     migrate = {
         "build": ".",
         "image": f"{slug}:latest",
-        "command": ["flask", "db", "upgrade"],
+        # heads: every feature's migration branch and the team's (see migration_sources).
+        "command": ["flask", "db", "upgrade", "heads"],
         "environment": environment,
         "volumes": data_volumes,
         "depends_on": depends(),
@@ -645,41 +657,129 @@ def write_compose(project: Path, context: dict) -> None:
     (project / "docker-compose.yml").write_text(header + body, encoding="utf-8")
 
 
-def migration_revision(context: dict) -> str:
-    """A stable revision id, so regenerating the same answers gives the same file."""
-    key = json.dumps(
-        [context["service_slug"], context["resource_plural"]]
-        + [feature.name for feature in enabled_features(context)]
-    )
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+def migration_revision(feature: Feature) -> str:
+    """The revision of a feature's migration: fixed, whatever the answers or the other features.
+
+    So turning a feature on later adds its file beside the applied ones, and a
+    service generated with it has byte for byte the same file. Never change a
+    released revision (tests/test_updates.py keeps the list).
+    """
+    return f"{feature.name}_0001"
 
 
-def migration_source(context: dict) -> tuple[str, str]:
-    """The initial migration's file name and code, from the enabled features' tables."""
+def migration_sources(context: dict) -> dict[str, str]:
+    """The migration files of the enabled features: {file name: code}.
+
+    The core migration (the resource table) is the root; each other
+    table-owning feature's migration revises it, so features are independent
+    branches that `flask db upgrade heads` applies in any combination.
+    """
     values = format_values(context)
-    tables = [table for feature in enabled_features(context) for table in feature.tables]
-    upgrade = "".join(MIGRATION_TABLES[table][0].format(**values) for table in tables)
-    downgrade = "".join(
-        MIGRATION_TABLES[table][1].format(**values) for table in reversed(tables)
-    )
-    revision = migration_revision(context)
-    table_names = ", ".join(
-        MIGRATION_TABLES[table][0].split('"', 2)[1].format(**values) for table in tables
-    )
-    source = MIGRATION_TEMPLATE.format(
-        revision=revision,
-        table_list=table_names,
-        upgrade=upgrade,
-        downgrade=downgrade,
-    )
-    return f"{revision}_initial.py", source
+    core = FEATURES[0]
+    sources = {}
+    for feature in enabled_features(context):
+        if not feature.tables:
+            continue
+        revision = migration_revision(feature)
+        down_revision = None if feature is core else migration_revision(core)
+        table_names = ", ".join(
+            MIGRATION_TABLES[table][0].split('"', 2)[1].format(**values) for table in feature.tables
+        )
+        owner = "the service's own tables" if feature is core else f"the {feature.name} feature's tables"
+        sources[f"{revision}.py"] = MIGRATION_TEMPLATE.format(
+            title=f"{owner[0].upper()}{owner[1:]}: {table_names}.",
+            revision=revision,
+            revises=f" {down_revision}" if down_revision else "",
+            services="every service" if feature is core else f"every service with the {feature.name} feature",
+            down_revision=json.dumps(down_revision) if down_revision else "None",
+            upgrade="".join(MIGRATION_TABLES[table][0].format(**values) for table in feature.tables),
+            downgrade="".join(
+                MIGRATION_TABLES[table][1].format(**values) for table in reversed(feature.tables)
+            ),
+        )
+    return sources
 
 
-def write_initial_migration(project: Path, context: dict) -> None:
+def write_migrations(project: Path, context: dict) -> None:
     versions = project / "migrations" / "versions"
     versions.mkdir(parents=True, exist_ok=True)
-    name, source = migration_source(context)
-    (versions / name).write_text(source, encoding="utf-8")
+    for name, source in migration_sources(context).items():
+        (versions / name).write_text(source, encoding="utf-8")
+
+
+def cruft_state(context: dict, template_folder: Path) -> dict | None:
+    """What cruft needs to update the project: the template's source and commit, and the answers.
+
+    None when cruft is the one rendering (it writes .cruft.json itself: its
+    context has `_commit`) or when the template is not a git checkout (a zip,
+    a copied folder) and no commit can name it. The result depends only on
+    the answers, the source and the commit (no dates, no local paths of the
+    run), so the same inputs give the same file.
+    """
+    if "_commit" in context:
+        return None
+    try:
+        toplevel, prefix, commit = subprocess.run(
+            ["git", "-C", str(template_folder), "rev-parse", "--show-toplevel", "--show-prefix", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return None
+    source = template_source(context, toplevel)
+    # cruft keeps the answers in the order of cookiecutter.json (the rendered
+    # context arrives sorted), so order them the same way for the same file.
+    questions = json.loads((template_folder / "cookiecutter.json").read_text(encoding="utf-8"))
+    position = {key: index for index, key in enumerate(questions)}
+    answers = {
+        key: context[key]
+        for key in sorted(context, key=lambda key: position.get(key, len(position)))
+        if key not in {"_template", "_output_dir", "_repo_dir", "_checkout"}
+    }
+    return {
+        "template": source,
+        "commit": commit,
+        "checkout": context.get("_checkout"),
+        "context": {"cookiecutter": {**answers, "_template": source, "_commit": commit}},
+        "directory": prefix.rstrip("/") or None,
+    }
+
+
+def template_source(context: dict, toplevel: str) -> str:
+    """The template's source as git can clone it: the local checkout, or the URL as typed (abbreviations expanded)."""
+    typed = context.get("_template", "")
+    if context.get("_repo_dir") == typed:
+        # A local folder: cookiecutter rendered it where it is. (Checked first
+        # because importing cookiecutter costs more than the rest of this hook.)
+        return toplevel
+    from cookiecutter.config import BUILTIN_ABBREVIATIONS, get_user_config
+    from cookiecutter.repository import expand_abbreviations, is_repo_url
+
+    try:
+        abbreviations = get_user_config()["abbreviations"]
+    except Exception:  # an unreadable user config: cookiecutter's own abbreviations still apply
+        abbreviations = BUILTIN_ABBREVIATIONS
+    url = expand_abbreviations(typed, abbreviations)
+    if is_repo_url(url):
+        return url.removeprefix("git+")
+    return toplevel
+
+
+def write_cruft_file(project: Path, context: dict) -> None:
+    if not TEMPLATE_FOLDER.startswith('"'):
+        raise RuntimeError("run in-process: set TEMPLATE_FOLDER (JSON) as well as RENDERED_CONTEXT")
+    state = cruft_state(context, Path(json.loads(TEMPLATE_FOLDER)))
+    if state is not None:
+        # The format cruft itself writes, so `cruft create` and this give the same file.
+        text = json.dumps(state, ensure_ascii=False, indent=2, separators=(",", ": ")) + "\n"
+        (project / ".cruft.json").write_text(text, encoding="utf-8")
+    elif "_commit" not in context:
+        print(
+            "Note: the template is not a git checkout, so no .cruft.json records it; "
+            "to take template updates later, run `cruft link <template git URL>` in the project.",
+            file=sys.stderr,
+        )
 
 
 #: The choices that shape the whole project, named first in the summary.
@@ -732,9 +832,13 @@ def main() -> int:
     context = json.loads(RENDERED_CONTEXT)
     project = Path.cwd()
     remove_disabled_feature_files(project, context)
-    write_initial_migration(project, context)
+    write_migrations(project, context)
     write_compose(project, context)
-    print_summary(project, context)
+    write_cruft_file(project, context)
+    if "_commit" not in context:
+        # cruft renders into temporary folders (twice per update): a summary
+        # would send people to a folder that is about to disappear.
+        print_summary(project, context)
     return 0
 
 

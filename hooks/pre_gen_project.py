@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 RENDERED_CONTEXT = r"""{{ cookiecutter | tojson }}"""
+#: The template's own folder, from the TemplateFolder extension (local_extensions.py).
+TEMPLATE_FOLDER = r'{{ template_folder() | tojson }}'  # tojson leaves no ' in it
 
 SLUG = re.compile(r"^[a-z](?:[a-z0-9]|-(?=[a-z0-9]))*$")
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
@@ -47,20 +49,19 @@ class BadAnswer(Exception):
         self.question = question
 
 
-def template_dir(context: dict) -> Path:
-    # cookiecutter runs this hook from the new project's folder, so a relative
-    # template path (`cookiecutter .`) is relative to where it was started.
-    repo_dir = Path(context["_repo_dir"])
-    if not repo_dir.is_absolute():
-        repo_dir = Path(os.environ.get("PWD", os.getcwd())) / repo_dir
-    return repo_dir
+def template_dir() -> Path:
+    """The template's folder, from the TemplateFolder extension (local_extensions.py).
+
+    Not the context's `_repo_dir`, which only plain cookiecutter provides (and
+    relative to where it was started): cruft (create and update) renders
+    without it.
+    """
+    return Path(json.loads(TEMPLATE_FOLDER))
 
 
-def load_feature_table(context: dict):
+def load_feature_table():
     """Import the post-generation hook's FEATURES table (the single source)."""
-    path = template_dir(context) / "hooks" / "post_gen_project.py"
-    if not path.exists():
-        raise BadAnswer("_repo_dir", context["_repo_dir"], "the template folder was not found; pass its absolute path")
+    path = template_dir() / "hooks" / "post_gen_project.py"
     spec = importlib.util.spec_from_file_location("feature_table", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
@@ -191,7 +192,7 @@ def rerun_command(context: dict, question: str) -> str | None:
     is left out, so the command shows what was really chosen, and an answer
     derived from the refused one (resource_plural) is derived again.
     """
-    questions_file = template_dir(context) / "cookiecutter.json"
+    questions_file = template_dir() / "cookiecutter.json"
     if not questions_file.exists():
         return None
     raw = json.loads(questions_file.read_text(encoding="utf-8"))
@@ -214,7 +215,7 @@ def rerun_command(context: dict, question: str) -> str | None:
 def main() -> int:
     context = json.loads(RENDERED_CONTEXT)
     try:
-        validate(context, load_feature_table(context))
+        validate(context, load_feature_table())
     except BadAnswer as error:
         print(f"ERROR: {error}", file=sys.stderr)
         command = rerun_command(context, error.question)

@@ -19,8 +19,11 @@ from pathlib import PurePosixPath
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 
-#: A Jinja tag or the word cookiecutter left in a generated file.
-RESIDUE = re.compile(rb"\{\{|\{%|\{#|cookiecutter")
+#: A Jinja tag or the word cookiecutter left in a generated file (the pinned package
+#: `make update` installs, `cookiecutter==...`, is not residue).
+RESIDUE = re.compile(rb"\{\{|\{%|\{#|cookiecutter(?!==\d)")
+#: cruft's record of the template and the answers: it names cookiecutter by design.
+RECORD = ".cruft.json"
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -37,6 +40,8 @@ def is_binary(data: bytes) -> bool:
 
 def residue(path: str, data: bytes) -> list[str]:
     """No Jinja tag and no `cookiecutter`, in any file whatever its name (binary ones too)."""
+    if PurePosixPath(path).name == RECORD:
+        return []
     if is_binary(data):
         return [f"{path}: {match.group().decode(errors='replace')!r} at byte {match.start()}" for match in RESIDUE.finditer(data)]
     return [

@@ -488,7 +488,7 @@ def check_manifests(resources: list[dict], overlay: str, answers: dict, where: s
 
     # Migrations: the Job upgrades, every Deployment's pods wait for it.
     job = found[("Job", f"{slug}-migrate")]
-    assert containers(job)[0]["command"] == ["flask", "db", "upgrade"], where
+    assert containers(job)[0]["command"] == ["flask", "db", "upgrade", "heads"], where
     for deployment in (resource for resource in resources if resource["kind"] == "Deployment"):
         (waiter,) = pod_specs(deployment)[0]["initContainers"]
         assert waiter["command"][:3] == ["python", "-m", "common_utils.migration_wait"], where

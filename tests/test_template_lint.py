@@ -21,10 +21,13 @@ def test_template_python_passes_ruff():
 
 @pytest.mark.parametrize("hook", ["pre_gen_project.py", "post_gen_project.py"])
 def test_hooks_have_no_stray_template_tags(hook):
-    """A hook is rendered by Jinja: its only tag is the rendered context line."""
+    """A hook is rendered by Jinja: its only tags are the rendered context and template folder lines."""
     source = (TEMPLATE / "hooks" / hook).read_text()
     tagged = [line for line in source.splitlines() if "{{" in line or "{%" in line or "{#" in line]
-    assert tagged == ['RENDERED_CONTEXT = r"""{{ cookiecutter | tojson }}"""']
+    assert tagged == [
+        'RENDERED_CONTEXT = r"""{{ cookiecutter | tojson }}"""',
+        "TEMPLATE_FOLDER = r'{{ template_folder() | tojson }}'  # tojson leaves no ' in it",
+    ]
 
 
 def test_every_feature_file_exists_in_the_template_and_has_one_owner():

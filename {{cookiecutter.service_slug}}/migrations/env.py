@@ -2,6 +2,11 @@
 
 The app's own JSON logging is kept (no fileConfig), and an autogenerate run
 that finds no change writes no empty migration file.
+
+A new migration revises every head: the template's migrations are one branch
+per feature (a feature turned on by a template update starts a branch beside
+the team's own migrations), so `flask db migrate` joins them instead of
+failing with "Multiple heads are present".
 """
 
 import logging
@@ -14,10 +19,12 @@ migrate = current_app.extensions["migrate"]
 target_metadata = migrate.db.metadata
 
 
-def skip_empty_autogenerate(context, revision, directives):
+def write_revision(context, revision, directives):
     if getattr(context.config.cmd_opts, "autogenerate", False) and directives[0].upgrade_ops.is_empty():
         directives[:] = []
         logger.info("No changes in the models; no migration written.")
+        return
+    directives[0].head = "heads"
 
 
 def run_migrations_offline() -> None:
@@ -33,7 +40,7 @@ def run_migrations_online() -> None:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
-            process_revision_directives=skip_empty_autogenerate,
+            process_revision_directives=write_revision,
             **migrate.configure_args,
         )
         with context.begin_transaction():

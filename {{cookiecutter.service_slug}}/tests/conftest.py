@@ -69,7 +69,7 @@ def app(app_config):
     drop_everything(app_config["SQLALCHEMY_DATABASE_URI"])
     app = create_app(app_config)
     with app.app_context():
-        upgrade()
+        upgrade(revision="heads")  # every branch: features' migrations and the team's
     yield app
     with app.app_context():
         db.engine.dispose()

@@ -24,7 +24,7 @@ def sqlite_url(path) -> str:
 def migrate(url: str) -> None:
     app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
     with app.app_context():
-        upgrade()
+        upgrade(revision="heads")
 
 
 @pytest.fixture
@@ -32,9 +32,9 @@ def newer_migrations(tmp_path):
     """This project's migrations plus one more revision, as the next image would ship them."""
     folder = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS, folder)
-    (head,) = ScriptDirectory(str(MIGRATIONS)).get_heads()
+    heads = tuple(ScriptDirectory(str(MIGRATIONS)).get_heads())
     (folder / "versions" / "0000next_add_colour.py").write_text(
-        f'revision = "0000next"\ndown_revision = "{head}"\n'
+        f'revision = "0000next"\ndown_revision = {heads!r}\n'
         "branch_labels = None\ndepends_on = None\n\n\n"
         "def upgrade():\n    pass\n\n\ndef downgrade():\n    pass\n"
     )
