@@ -236,8 +236,11 @@ def fresh_database(database: str):
         else:
             yield f"{MYSQL_ADMIN_URL.rstrip('/')}/{name}"
     finally:
+        # A process the suite started and did not stop may still hold a connection:
+        # PostgreSQL ends those sessions instead of refusing the drop.
+        force = " WITH (FORCE)" if database == "postgresql" else ""
         with connection.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {name}")
+            cursor.execute(f"DROP DATABASE IF EXISTS {name}{force}")
         connection.close()
 
 

@@ -38,6 +38,7 @@ import pytest
 
 from tests.combinations import TEMPLATE, feature_table, matrix_questions
 from tests.conftest import fail_or_skip
+from tests.suites import uv, uv_environment
 
 CACHE = TEMPLATE / ".cache"
 TEMPLATE_BIN = Path(sys.executable).parent
@@ -257,11 +258,25 @@ def service_venv(template_repo, tmp_path_factory) -> Path:
     with file_lock(CACHE / "generated-venv.lock"):
         if not (venv / "bin" / ".installed").exists():
             shutil.rmtree(venv, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            # uv builds it from its package cache (outside the clone) in seconds.
+            environment = uv_environment()
+            subprocess.run(
+                [uv(), "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, env=environment
+            )
             (venv / "requirements.txt").write_text(text)
             subprocess.run(
-                [str(venv / "bin" / "pip"), "install", "--quiet", "-r", str(venv / "requirements.txt")],
+                [
+                    uv(),
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--python",
+                    str(venv / "bin" / "python"),
+                    "-r",
+                    str(venv / "requirements.txt"),
+                ],
                 check=True,
+                env=environment,
             )
             (venv / "bin" / ".installed").touch()
     return venv
@@ -731,7 +746,10 @@ def test_sqlite_service_takes_the_update_and_each_feature_one_at_a_time(
         service.update(" ".join(f"{key}={value}" for key, value in step.items()), step)
     assert service.rows()["orders"], "the rows written at A are still there"
     service.print_times("SQLite service, all features off at A")
-    service.run_suite()
+    # The service is a fresh render plus the team's files (checked after every update),
+    # and the all-on SQLite render's whole suite runs among the generated suites: here
+    # the team's own test, the API and the tests that walk the migrations.
+    service.run_suite("tests/test_migrations.py", "tests/test_notes.py", "tests/test_api.py")
 
 
 def test_postgresql_service_turns_the_outbox_on_and_off(template_repo, service_venv, tmp_path):
@@ -773,8 +791,8 @@ def test_postgresql_service_turns_the_outbox_on_and_off(template_repo, service_v
         assert (service.path / "migrations/versions/outbox_0001.py").exists()
         service.print_times("PostgreSQL service, a few features on at A")
         with fresh_postgres_database() as suite_url:
-            # The full suite runs once, for the SQLite service; here the tests that
-            # walk the migrations (the team's, the merge, the removal) on PostgreSQL.
+            # The tests that walk the migrations (the team's, the merge, the removal) on
+            # PostgreSQL; the rest of the suite is the generated suites' job.
             service.run_suite(
                 "tests/test_migrations.py",
                 "tests/test_migration_wait.py",
