@@ -74,7 +74,7 @@ def service(cookies_session, tmp_path_factory):
         OUTBOX_RELAY_IN_APP="false",
     )
     flask = str(venv / "bin" / "flask")
-    subprocess.run([flask, "db", "upgrade"], cwd=baked.path, env=env, check=True, capture_output=True)
+    subprocess.run([flask, "db", "upgrade", "heads"], cwd=baked.path, env=env, check=True, capture_output=True)
     server = subprocess.Popen(
         [flask, "run", "--host", "127.0.0.1", "--port", str(port)],
         cwd=baked.path,
