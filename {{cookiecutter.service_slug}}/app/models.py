@@ -90,6 +90,7 @@ class {{ cookiecutter.__resource_class }}({% if cookiecutter.outbox != "none" %}
             "status": self.status,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
+            "version": self.version,
         }
 
     def __repr__(self) -> str:
