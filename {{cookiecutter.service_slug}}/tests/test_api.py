@@ -4,10 +4,11 @@ from contextlib import contextmanager
 from datetime import datetime
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from app.extensions import db
+from app.models import {{ cookiecutter.__resource_class }}
 
 
 def create(client, url, body):
@@ -128,8 +129,8 @@ def test_a_write_with_the_current_if_match_or_a_star_goes_ahead(client, collecti
 
 
 @contextmanager
-def a_concurrent_write_commits_first(sql: str, **params):
-    """Just before the request's changes are flushed, another connection commits `sql`.
+def a_concurrent_write_commits_first(item_id: int, **changes):
+    """Just before the request's changes are flushed, another session commits `changes` to the row.
 
     The request has read the row already, so it writes on stale state: the
     race two simultaneous requests run, made deterministic.
@@ -139,8 +140,11 @@ def a_concurrent_write_commits_first(sql: str, **params):
     def write_elsewhere(session, flush_context, instances):
         if not done:
             done.append(True)
-            with db.engine.begin() as connection:
-                connection.execute(text(sql), params)
+            with Session(db.engine) as other:
+                item = other.get({{ cookiecutter.__resource_class }}, item_id)
+                for field, value in changes.items():
+                    setattr(item, field, value)
+                other.commit()
 
     event.listen(Session, "before_flush", write_elsewhere)
     try:
@@ -155,10 +159,7 @@ def test_a_write_that_loses_a_race_is_a_409_not_a_silent_overwrite(client, colle
     item_id = create(client, collection_url, new_item).get_json()["id"]
     item_url = f"{collection_url}/{item_id}"
     body = {**new_item, "quantity": 9} if method != "delete" else None
-    with a_concurrent_write_commits_first(
-        "UPDATE {{ cookiecutter.resource_plural }} SET description = 'theirs', version = version + 1 WHERE id = :id",
-        id=item_id,
-    ) as raced:
+    with a_concurrent_write_commits_first(item_id, description="theirs") as raced:
         response = getattr(client, method)(item_url, json=body)
     assert raced
     assert response.status_code == 409, response.get_json()
@@ -171,9 +172,7 @@ def test_a_write_that_loses_a_race_is_a_409_not_a_silent_overwrite(client, colle
 def test_a_lost_race_with_if_match_is_a_412(client, collection_url, new_item):
     """A request that sent If-Match and then loses the race is told its precondition failed."""
     item_id = create(client, collection_url, new_item).get_json()["id"]
-    with a_concurrent_write_commits_first(
-        "UPDATE {{ cookiecutter.resource_plural }} SET version = version + 1 WHERE id = :id", id=item_id
-    ):
+    with a_concurrent_write_commits_first(item_id, description="theirs"):
         response = client.patch(f"{collection_url}/{item_id}", json={"quantity": 9}, headers={"If-Match": '"1"'})
     assert response.status_code == 412, response.get_json()
     assert response.get_json()["error"]["code"] == "precondition_failed"
