@@ -259,15 +259,20 @@ def test_create_event_positions_follow_the_commit_order_of_two_writers(outbox_ap
     item_id = create_item(outbox_app, outbox_app.test_client(), collection_url, new_item)
     commits, committing = [], threading.Lock()
 
+    def recipe(writer: str) -> None:
+        """The README's, word for word but the payload."""
+        item = db.session.get({{ cookiecutter.__resource_class }}, item_id)
+        OutboxEvent.create_event(db.session, "{{ cookiecutter.resource_name }}.shipped", "{{ cookiecutter.resource_name }}", item.id, {"writer": writer})
+
     def second_writer():
         with outbox_app.app_context():
-            OutboxEvent.create_event(db.session, f"{AGGREGATE}.shipped", AGGREGATE, item_id, {"writer": "second"})
+            recipe("second")
             db.session.commit()
             with committing:
                 commits.append("second")
 
     with outbox_app.app_context():
-        OutboxEvent.create_event(db.session, f"{AGGREGATE}.shipped", AGGREGATE, item_id, {"writer": "first"})
+        recipe("first")
         db.session.flush()  # the first writer's event has its position
         writer = threading.Thread(target=second_writer)
         writer.start()
