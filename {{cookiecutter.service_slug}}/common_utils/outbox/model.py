@@ -473,12 +473,13 @@ def lock_aggregate(session: Session, lock: Any, aggregate_type: str, aggregate_i
     """Flush, then lock the row of `lock` (or of the aggregate) until commit; its version, if any.
 
     Writers of one aggregate then take their events' positions one after the
-    other, in commit order. Returns None when there is nothing to lock (no
-    model of this aggregate type, no such row) or the row has no version
-    (and when `lock` is another row than the aggregate's).
+    other, in commit order. Without a row to lock (no model of this
+    aggregate type) it neither flushes nor locks. Returns None then, when
+    there is no such row, when the row has no version, and when `lock` is
+    another row than the aggregate's.
     """
-    session.flush()
     if lock is not None:
+        session.flush()  # a new `lock` gets its primary key, a changed one its UPDATE
         mapper = inspect(lock).mapper
         identity = tuple(mapper.primary_key_from_instance(lock))
         is_aggregate = (
@@ -494,6 +495,7 @@ def lock_aggregate(session: Session, lock: Any, aggregate_type: str, aggregate_i
             identity = (mapper.primary_key[0].type.python_type(aggregate_id),)
         except (NotImplementedError, TypeError, ValueError):
             return None
+        session.flush()  # a pending change of the aggregate takes the lock, and gets its event, first
         is_aggregate = True
     version_column = mapper.version_id_col
     columns = [*mapper.primary_key, *([version_column] if version_column is not None else [])]
