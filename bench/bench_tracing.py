@@ -204,7 +204,7 @@ def main() -> int:
         python = project_python(project, root, args.python)
         env = base_env(project, root)
         subprocess.run(
-            [python, "-m", "flask", "db", "upgrade"], cwd=project, env=env, check=True, capture_output=True
+            [python, "-m", "flask", "db", "upgrade", "heads"], cwd=project, env=env, check=True, capture_output=True
         )
         load = load_with_wrk if shutil.which("wrk") else load_with_python
         print(f"load: {'wrk' if load is load_with_wrk else 'python clients'}, {CONNECTIONS} connections, "

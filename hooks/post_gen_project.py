@@ -47,8 +47,12 @@ class Feature:
     #: "named-volume:/path" mounts the service's own containers get in docker-compose.yml.
     volumes: tuple[str, ...] = ()
     #: Names from MIGRATION_TABLES that the feature's own migration creates
-    #: (migrations/versions/<name>_0001.py, see migration_revision).
+    #: (migrations/versions/<name>_0001.py, see migration_revisions).
     tables: tuple[str, ...] = ()
+    #: Names from MIGRATION_STEPS: the later changes to those tables, oldest
+    #: first. The n-th is <name>_000<n+1>.py, revising the one before it.
+    #: Append only: a released step never changes, moves or goes.
+    migration_steps: tuple[str, ...] = ()
     #: One line for the summary printed after generation.
     summary: str = ""
     #: Short name for the summary's "Left off" list when the feature is off;
@@ -71,6 +75,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         name="core",
         tables=("resource",),
+        migration_steps=("resource_version",),
         # Local-only defaults: with ENVIRONMENT=production the service refuses
         # to start until SECRET_KEY (or SECRET_KEY_FILE) is a real secret.
         environment={
@@ -199,6 +204,7 @@ FEATURES: tuple[Feature, ...] = (
             "tests/test_outbox.py",
             "tests/test_outbox_concurrency.py",
             "tests/test_outbox_crash.py",
+            "tests/test_outbox_writes.py",
         ),
         compose_services=("outbox-relay",),
         # compose runs the relay as its own service, not as a thread in the app.
@@ -480,6 +486,23 @@ MIGRATION_TABLES: dict[str, tuple[str, str]] = {
     ),
 }
 
+#: Later changes to released tables (see Feature.migration_steps):
+#: (one-line title, upgrade code, downgrade code). Formatted like MIGRATION_TABLES.
+MIGRATION_STEPS: dict[str, tuple[str, str, str]] = {
+    "resource_version": (
+        "A version on each of {resource_plural} (optimistic concurrency; existing rows get 1).",
+        """\
+    op.add_column(
+        "{resource_plural}",
+        sa.Column("version", sa.Integer(), server_default=sa.text("1"), nullable=False),
+    )
+""",
+        """\
+    op.drop_column("{resource_plural}", "version")
+""",
+    ),
+}
+
 MIGRATION_TEMPLATE = '''\
 """{title}
 
@@ -494,8 +517,7 @@ have applied it. Change the schema with a new migration (`make migrate`).
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import mysql
-
+{mysql_import}
 revision = "{revision}"
 down_revision = {down_revision}
 branch_labels = None
@@ -657,46 +679,59 @@ def write_compose(project: Path, context: dict) -> None:
     (project / "docker-compose.yml").write_text(header + body, encoding="utf-8")
 
 
-def migration_revision(feature: Feature) -> str:
-    """The revision of a feature's migration: fixed, whatever the answers or the other features.
+def migration_revisions(feature: Feature) -> list[str]:
+    """The revisions of a feature's migrations, oldest first: fixed, whatever the answers.
 
-    So turning a feature on later adds its file beside the applied ones, and a
-    service generated with it has byte for byte the same file. Never change a
-    released revision (tests/test_updates.py keeps the list).
+    `<name>_0001` creates the feature's tables; each of its migration_steps
+    adds the next number, revising the one before. So turning a feature on
+    later adds its files beside the applied ones, a template update adds only
+    the new steps, and a service generated with it has byte for byte the same
+    files. Never change a released revision (tests/test_updates.py keeps the list).
     """
-    return f"{feature.name}_0001"
+    if not feature.tables:
+        return []
+    return [f"{feature.name}_{number:04d}" for number in range(1, len(feature.migration_steps) + 2)]
 
 
 def migration_sources(context: dict) -> dict[str, str]:
     """The migration files of the enabled features: {file name: code}.
 
     The core migration (the resource table) is the root; each other
-    table-owning feature's migration revises it, so features are independent
-    branches that `flask db upgrade heads` applies in any combination.
+    table-owning feature's first migration revises it, so features are
+    independent branches that `flask db upgrade heads` applies in any
+    combination. A feature's later steps form a chain on its own branch.
     """
     values = format_values(context)
     core = FEATURES[0]
     sources = {}
     for feature in enabled_features(context):
-        if not feature.tables:
+        revisions = migration_revisions(feature)
+        if not revisions:
             continue
-        revision = migration_revision(feature)
-        down_revision = None if feature is core else migration_revision(core)
         table_names = ", ".join(
             MIGRATION_TABLES[table][0].split('"', 2)[1].format(**values) for table in feature.tables
         )
         owner = "the service's own tables" if feature is core else f"the {feature.name} feature's tables"
-        sources[f"{revision}.py"] = MIGRATION_TEMPLATE.format(
-            title=f"{owner[0].upper()}{owner[1:]}: {table_names}.",
-            revision=revision,
-            revises=f" {down_revision}" if down_revision else "",
-            services="every service" if feature is core else f"every service with the {feature.name} feature",
-            down_revision=json.dumps(down_revision) if down_revision else "None",
-            upgrade="".join(MIGRATION_TABLES[table][0].format(**values) for table in feature.tables),
-            downgrade="".join(
-                MIGRATION_TABLES[table][1].format(**values) for table in reversed(feature.tables)
-            ),
+        first = (
+            f"{owner[0].upper()}{owner[1:]}: {table_names}.",
+            "".join(MIGRATION_TABLES[table][0].format(**values) for table in feature.tables),
+            "".join(MIGRATION_TABLES[table][1].format(**values) for table in reversed(feature.tables)),
         )
+        steps = [first] + [MIGRATION_STEPS[name] for name in feature.migration_steps]
+        down_revisions = [None if feature is core else migration_revisions(core)[0], *revisions[:-1]]
+        for revision, down_revision, (title, upgrade, downgrade) in zip(
+            revisions, down_revisions, steps, strict=True
+        ):
+            sources[f"{revision}.py"] = MIGRATION_TEMPLATE.format(
+                title=title.format(**values),
+                mysql_import="from sqlalchemy.dialects import mysql\n" if "mysql." in upgrade + downgrade else "",
+                revision=revision,
+                revises=f" {down_revision}" if down_revision else "",
+                services="every service" if feature is core else f"every service with the {feature.name} feature",
+                down_revision=json.dumps(down_revision) if down_revision else "None",
+                upgrade=upgrade.format(**values),
+                downgrade=downgrade.format(**values),
+            )
     return sources
 
 

@@ -4,7 +4,7 @@ One project is rendered and served as its README says (`flask run`, SQLite);
 openapi-python-client, a tool nobody here wrote, generates a client package
 from the document the service serves at /api/openapi.json; and that client
 round-trips create, get, list, replace, patch and delete, and gets the 404,
-409 and 422 answers parsed into the typed error model, not None. The
+409, 412 (a stale If-Match) and 422 answers parsed into the typed error model, not None. The
 resource is `line_item`, so names made of several words are covered too
 (the generated functions are `create_line_item`, not
 `post_api_v1_line_items`).
@@ -74,7 +74,7 @@ def service(cookies_session, tmp_path_factory):
         OUTBOX_RELAY_IN_APP="false",
     )
     flask = str(venv / "bin" / "flask")
-    subprocess.run([flask, "db", "upgrade"], cwd=baked.path, env=env, check=True, capture_output=True)
+    subprocess.run([flask, "db", "upgrade", "heads"], cwd=baked.path, env=env, check=True, capture_output=True)
     server = subprocess.Popen(
         [flask, "run", "--host", "127.0.0.1", "--port", str(port)],
         cwd=baked.path,
@@ -129,7 +129,7 @@ def operations(package) -> dict:
 
 
 def test_the_generated_client_round_trips_every_operation(service, client_package):
-    """Create, get, list, replace, patch, delete, and the 404, 409 and 422 errors, all typed."""
+    """Create, get, list, replace, patch, delete, and the 404, 409, 412 and 422 errors, all typed."""
     models = importlib.import_module(f"{PACKAGE}.models")
     ops = operations(client_package)
     assert sorted(ops) == sorted(
@@ -171,6 +171,16 @@ def test_the_generated_client_round_trips_every_operation(service, client_packag
     assert isinstance(conflict.parsed, models.ErrorResponse)
     assert conflict.parsed.error.code == "conflict"
     assert "name" in conflict.parsed.error.details.to_dict()
+
+    # A write conditional on an older version (If-Match, from the ETag of a read) is a typed 412.
+    stale_etag = created.headers["ETag"]
+    assert ops["get_line_item"].sync_detailed(client=client, item_id=item.id).headers["ETag"] != stale_etag
+    conditional = client_package.Client(base_url=service, headers={"If-Match": stale_etag})  # with_headers would change `client` too
+    stale = ops["update_line_item"].sync_detailed(client=conditional, item_id=item.id, body=models.LineItemUpdate(quantity=8))
+    assert stale.status_code == 412
+    assert isinstance(stale.parsed, models.ErrorResponse)
+    assert (stale.parsed.error.code, stale.parsed.error.details.to_dict()["id"]) == ("precondition_failed", item.id)
+    assert ops["get_line_item"].sync(client=client, item_id=item.id).quantity == 7
 
     invalid = ops["create_line_item"].sync_detailed(client=client, body=models.LineItem(name="Pin", quantity=1, unit_price="12.345"))
     assert invalid.status_code == 422

@@ -103,7 +103,8 @@ def test_note_round_trip(app):
 TEAM_FILES = ("app/models.py", "tests/test_notes.py")
 
 #: Revisions the template has shipped: never change one (services have applied it).
-RELEASED_REVISIONS = {"core": "core_0001", "outbox": "outbox_0001"}
+#: Each feature's, oldest first: a later step is appended, never inserted.
+RELEASED_REVISIONS = {"core": ["core_0001", "core_0002"], "outbox": ["outbox_0001"]}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -415,7 +416,7 @@ class Service:
         git(self.path, "add", name)
 
     def template_migrations(self) -> list[str]:
-        return [f"{revision}.py" for revision in RELEASED_REVISIONS.values()]
+        return [f"{revision}.py" for revisions in RELEASED_REVISIONS.values() for revision in revisions]
 
     def assert_is_a_fresh_render_plus_team_changes(self, label: str) -> None:
         answers = recorded_answers(self.path)
@@ -563,7 +564,7 @@ def feature_steps(database: str) -> list[dict]:
 
 def test_migration_revisions_are_fixed(table):
     """Each table-owning feature's migration has its released revision, whatever the other answers."""
-    owners = {feature.name: table.migration_revision(feature) for feature in table.FEATURES if feature.tables}
+    owners = {feature.name: table.migration_revisions(feature) for feature in table.FEATURES if feature.tables}
     assert owners == RELEASED_REVISIONS
     base = {
         **ALL_OFF,
@@ -588,6 +589,17 @@ def test_migration_revisions_are_fixed(table):
     assert alone == with_everything, (
         "a migration file must not depend on other answers than the resource's names"
     )
+    # Each feature's first migration revises core_0001 (core's is the root); each later step the one before.
+    revises = {
+        name.removesuffix(".py"): source.split("\ndown_revision = ", 1)[1].split("\n", 1)[0]
+        for name, source in alone.items()
+    }
+    for feature, revisions in RELEASED_REVISIONS.items():
+        first = "None" if feature == "core" else '"core_0001"'
+        assert [revises[revision] for revision in revisions] == [
+            first,
+            *(f'"{revision}"' for revision in revisions[:-1]),
+        ]
 
 
 def test_feature_steps_cover_every_feature_with_files_or_tables(table):

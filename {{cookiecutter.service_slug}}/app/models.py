@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import DateTime, Numeric, String, Text, TypeDecorator
+from sqlalchemy import DateTime, Numeric, String, Text, TypeDecorator, text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -71,6 +71,13 @@ class {{ cookiecutter.__resource_class }}({% if cookiecutter.outbox != "none" %}
     status: Mapped[str] = mapped_column(String(20), default="draft", index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # Optimistic concurrency: every UPDATE says "WHERE version = <the version
+    # read>" and bumps it, so a write based on stale state changes no row and
+    # SQLAlchemy raises StaleDataError (the API answers 409) instead of
+    # silently overwriting a concurrent change.
+    version: Mapped[int] = mapped_column(server_default=text("1"))
+
+    __mapper_args__ = {"version_id_col": version}
 
     def to_dict(self) -> dict:
         """A JSON-ready snapshot, as the API returns it."""
@@ -83,6 +90,7 @@ class {{ cookiecutter.__resource_class }}({% if cookiecutter.outbox != "none" %}
             "status": self.status,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
+            "version": self.version,
         }
 
     def __repr__(self) -> str:

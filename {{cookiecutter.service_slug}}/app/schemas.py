@@ -55,6 +55,10 @@ class {{ cookiecutter.__resource_class }}Schema(Schema):
     status = fields.String(load_default="draft", validate=validate.OneOf(STATUSES))
     created_at = fields.AwareDateTime(dump_only=True)
     updated_at = fields.AwareDateTime(dump_only=True)
+    version = fields.Integer(
+        dump_only=True,
+        metadata={"description": "Bumped by every change; the ETag header carries it too."},
+    )
 
 
 class {{ cookiecutter.__resource_class }}UpdateSchema({{ cookiecutter.__resource_class }}Schema):

@@ -1,8 +1,14 @@
 """The {{ cookiecutter.resource_plural.replace('_', ' ') }} API: every CRUD path."""
 
+from contextlib import contextmanager
 from datetime import datetime
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from app.extensions import db
+from app.models import {{ cookiecutter.__resource_class }}
 
 
 def create(client, url, body):
@@ -80,6 +86,96 @@ def test_delete_removes_the_item(client, collection_url, new_item):
     assert response.status_code == 204
     assert response.data == b""
     assert client.get(f"{collection_url}/{created['id']}").status_code == 404
+
+
+def test_get_answers_the_version_as_etag_and_every_write_bumps_it(client, collection_url, new_item):
+    """The ETag is the version (also in the body); POST, PUT and PATCH answer the new one."""
+    created = create(client, collection_url, new_item)
+    item_url = f"{collection_url}/{created.get_json()['id']}"
+    assert (created.headers["ETag"], created.get_json()["version"]) == ('"1"', 1)
+    fetched = client.get(item_url)
+    assert (fetched.headers["ETag"], fetched.get_json()["version"]) == ('"1"', 1)
+    patched = client.patch(item_url, json={"quantity": 4})
+    assert (patched.headers["ETag"], patched.get_json()["version"]) == ('"2"', 2)
+    replaced = client.put(item_url, json={**new_item, "quantity": 5})
+    assert (replaced.headers["ETag"], replaced.get_json()["version"]) == ('"3"', 3)
+    assert client.get(item_url).headers["ETag"] == '"3"'
+
+
+@pytest.mark.parametrize("method", ["put", "patch", "delete"])
+def test_a_write_with_a_stale_if_match_is_refused_with_412(client, collection_url, new_item, method):
+    """If-Match naming an older version (or a weak tag) changes nothing: 412 precondition_failed."""
+    item_url = f"{collection_url}/{create(client, collection_url, new_item).get_json()['id']}"
+    old_etag = client.get(item_url).headers["ETag"]
+    client.patch(item_url, json={"quantity": 4})  # someone else's change
+    body = {**new_item, "quantity": 9} if method != "delete" else None
+    for if_match in (old_etag, f"W/{client.get(item_url).headers['ETag']}", '"nonsense", "0"'):
+        response = getattr(client, method)(item_url, json=body, headers={"If-Match": if_match})
+        assert response.status_code == 412, (if_match, response.get_json())
+        assert response.get_json()["error"]["code"] == "precondition_failed"
+    after = client.get(item_url)
+    assert (after.status_code, after.get_json()["quantity"], after.headers["ETag"]) == (200, 4, '"2"')
+
+
+@pytest.mark.parametrize("method", ["put", "patch", "delete"])
+def test_a_write_with_the_current_if_match_or_a_star_goes_ahead(client, collection_url, new_item, method):
+    """If-Match with the current ETag (or `*`, or a list holding it) lets the write through."""
+    for if_match in ('"1"', "*", '"7", "1"'):
+        item_url = f"{collection_url}/{create(client, collection_url, new_item).get_json()['id']}"
+        body = {**new_item, "quantity": 9} if method != "delete" else None
+        response = getattr(client, method)(item_url, json=body, headers={"If-Match": if_match})
+        assert response.status_code == (204 if method == "delete" else 200), response.get_json()
+        client.delete(item_url)
+
+
+@contextmanager
+def a_concurrent_write_commits_first(item_id: int, **changes):
+    """Just before the request's changes are flushed, another session commits `changes` to the row.
+
+    The request has read the row already, so it writes on stale state: the
+    race two simultaneous requests run, made deterministic.
+    """
+    done = []
+
+    def write_elsewhere(session, flush_context, instances):
+        if not done:
+            done.append(True)
+            with Session(db.engine) as other:
+                item = other.get({{ cookiecutter.__resource_class }}, item_id)
+                for field, value in changes.items():
+                    setattr(item, field, value)
+                other.commit()
+
+    event.listen(Session, "before_flush", write_elsewhere)
+    try:
+        yield done
+    finally:
+        event.remove(Session, "before_flush", write_elsewhere)
+
+
+@pytest.mark.parametrize("method", ["put", "patch", "delete"])
+def test_a_write_that_loses_a_race_is_a_409_not_a_silent_overwrite(client, collection_url, new_item, method):
+    """A write on state another request changed meanwhile is refused (409), the other change kept."""
+    item_id = create(client, collection_url, new_item).get_json()["id"]
+    item_url = f"{collection_url}/{item_id}"
+    body = {**new_item, "quantity": 9} if method != "delete" else None
+    with a_concurrent_write_commits_first(item_id, description="theirs") as raced:
+        response = getattr(client, method)(item_url, json=body)
+    assert raced
+    assert response.status_code == 409, response.get_json()
+    assert response.get_json()["error"]["code"] == "conflict"
+    assert response.get_json()["error"]["details"] == {"id": item_id}
+    after = client.get(item_url).get_json()
+    assert (after["description"], after["quantity"], after["version"]) == ("theirs", 3, 2)
+
+
+def test_a_lost_race_with_if_match_is_a_412(client, collection_url, new_item):
+    """A request that sent If-Match and then loses the race is told its precondition failed."""
+    item_id = create(client, collection_url, new_item).get_json()["id"]
+    with a_concurrent_write_commits_first(item_id, description="theirs"):
+        response = client.patch(f"{collection_url}/{item_id}", json={"quantity": 9}, headers={"If-Match": '"1"'})
+    assert response.status_code == 412, response.get_json()
+    assert response.get_json()["error"]["code"] == "precondition_failed"
 
 
 def test_openapi_document_describes_the_api(client, collection_url):

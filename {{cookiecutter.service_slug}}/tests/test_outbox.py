@@ -385,7 +385,8 @@ def test_the_callers_trace_context_travels_with_the_event(outbox_app, collection
     assert traceparent.split("-")[1] == TRACEPARENT.split("-")[1]  # same trace
     with registered_handler(CREATED, lambda aggregate_id, payload, event: received.append(event.header_map)):
         drain(outbox_app)
-    assert received == [{"traceparent": traceparent}]
+    ordering_key = f"{{ cookiecutter.resource_name }}:{response.json['id']}"
+    assert received == [{"traceparent": traceparent, "aggregate-version": "1", "ordering-key": ordering_key}]
 
 
 def test_a_malformed_traceparent_is_not_stored(outbox_app, collection_url, new_item):

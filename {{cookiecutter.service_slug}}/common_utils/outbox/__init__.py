@@ -5,12 +5,18 @@
 - relay: claims due events, hands them to a transport, marks the outcome;
 - transport: the contract between the relay and a transport;
 - rabbitmq: the RabbitMQ transport (publisher confirms);
-- consumer: idempotent consumers (ProcessedMessage).
+- consumer: idempotent consumers (ProcessedMessage) and the version check
+  that tells a consumer about gaps and reordering.
 
 The migration guide's names are importable from here.
 """
 
-from common_utils.outbox.consumer import ProcessedMessage, idempotent_consumer
+from common_utils.outbox.consumer import (
+    ProcessedMessage,
+    VersionOrder,
+    check_version,
+    idempotent_consumer,
+)
 from common_utils.outbox.model import (
     FAILED,
     PENDING,
@@ -31,6 +37,8 @@ __all__ = [
     "OutboxMixin",
     "OutboxProcessor",
     "ProcessedMessage",
+    "VersionOrder",
+    "check_version",
     "continue_trace",
     "event_values",
     "idempotent_consumer",

@@ -30,17 +30,22 @@ from typing import Any
 from flask import Flask, current_app, has_app_context, has_request_context, request
 from sqlalchemy import (
     BigInteger,
+    Connection,
     DateTime,
     Index,
     Integer,
     String,
     Text,
     TypeDecorator,
+    and_,
     event,
+    inspect,
+    select,
     text,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Mapper, Session, mapped_column
+from sqlalchemy.orm.attributes import set_committed_value
 
 from common_utils.database import db
 
@@ -63,6 +68,10 @@ NOTIFY_CHANNEL = "outbox_events"
 #: W3C trace context headers (https://www.w3.org/TR/trace-context/).
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 MAX_TRACESTATE_LENGTH = 512
+#: Headers every event carries (stored with it, so every transport sends them):
+#: the aggregate's version after the change (see OutboxMixin) and the ordering key.
+VERSION_HEADER = "aggregate-version"
+ORDERING_KEY_HEADER = "ordering-key"
 
 
 def utcnow() -> datetime:
@@ -112,16 +121,17 @@ def event_values(
 ) -> dict:
     """A new event's column values, with the trace context of the code writing it."""
     now = utcnow()
-    all_headers = {**capture_trace_headers(), **(headers or {})}
     aggregate_id = str(aggregate_id)
+    ordering_key = ordering_key or f"{aggregate_type}:{aggregate_id}"
+    all_headers = {**capture_trace_headers(), **(headers or {}), ORDERING_KEY_HEADER: ordering_key}
     return {
         "id": str(uuid.uuid4()),
         "event_type": event_type,
         "aggregate_type": aggregate_type,
         "aggregate_id": aggregate_id,
-        "ordering_key": ordering_key or f"{aggregate_type}:{aggregate_id}",
+        "ordering_key": ordering_key,
         "payload": json.dumps(payload, default=str, separators=(",", ":")),
-        "headers": json.dumps(all_headers, separators=(",", ":")) if all_headers else None,
+        "headers": json.dumps(all_headers, separators=(",", ":")),
         "status": PENDING,
         "created_at": now,
         "next_attempt_at": now,
@@ -172,6 +182,14 @@ class OutboxMixin:
     """Give a model events: inserting, updating or deleting it writes
     `<aggregate>.created`, `.updated` or `.deleted` with `to_dict()` as payload,
     in the same transaction. Set `__outbox_enabled__ = False` to silence a subclass.
+
+    The payload of `.created` and `.updated` is the row as this transaction
+    wrote it: read back after the flush, while the INSERT or UPDATE holds
+    the row's lock, so it is what commits, including columns another
+    transaction changed meanwhile. `outbox_payload()` runs on a copy loaded
+    from that row (columns only: load anything else it needs itself). A
+    model with a `version_id_col` (optimistic concurrency) gets its version
+    in every event's `aggregate-version` header.
     """
 
     __outbox_enabled__ = True
@@ -188,14 +206,48 @@ class OutboxMixin:
     def outbox_payload(self) -> dict:
         return self.to_dict()
 
+    def outbox_version(self) -> int | None:
+        """The aggregate's version (its mapper's version_id_col), or None without one."""
+        mapper = inspect(type(self))
+        if mapper.version_id_col is None:
+            return None
+        return getattr(self, mapper.get_property_by_column(mapper.version_id_col).key)
+
     def outbox_event_values(self, action: str) -> dict:
         aggregate_type = self.outbox_aggregate_type()
+        version = self.outbox_version()
         return event_values(
             f"{aggregate_type}.{action}",
             aggregate_type,
             self.outbox_aggregate_id(),
             self.outbox_payload(),
+            headers={VERSION_HEADER: str(version)} if version is not None else None,
         )
+
+
+def primary_key_clause(mapper: Mapper, identity: tuple) -> Any:
+    return and_(*(column == value for column, value in zip(mapper.primary_key, identity, strict=True)))
+
+
+def as_written(connection: Connection, obj: OutboxMixin) -> OutboxMixin:
+    """A detached copy of `obj` loaded from its row as this transaction has just written it.
+
+    Called after the flush, on the flush's connection: the INSERT or UPDATE
+    holds the row's lock until commit, so the row read here is exactly the
+    row that commits (on PostgreSQL and MySQL alike: a transaction always
+    sees its own writes, and an UPDATE writes on the newest committed row).
+    """
+    mapper = inspect(obj).mapper
+    attributes = list(mapper.column_attrs)
+    row = connection.execute(
+        select(*(attribute.columns[0] for attribute in attributes))
+        .select_from(mapper.persist_selectable)
+        .where(primary_key_clause(mapper, mapper.primary_key_from_instance(obj)))
+    ).one()
+    copy = mapper.class_manager.new_instance()
+    for attribute, value in zip(attributes, row, strict=True):
+        set_committed_value(copy, attribute.key, value)
+    return copy
 
 
 def events_enabled() -> bool:
@@ -226,12 +278,15 @@ def _write_events(session: Session, flush_context) -> None:
     """Insert the events of this flush on the flush's own connection (same transaction)."""
     rows = session.info.pop(PENDING_DELETES, [])
     if events_enabled():
-        for obj in session.new:
-            if wants_events(obj):
-                rows.append(obj.outbox_event_values("created"))
-        for obj in session.dirty:
-            if wants_events(obj) and session.is_modified(obj, include_collections=False):
-                rows.append(obj.outbox_event_values("updated"))
+        written = [(obj, "created") for obj in session.new if wants_events(obj)]
+        written += [
+            (obj, "updated")
+            for obj in session.dirty
+            if wants_events(obj) and session.is_modified(obj, include_collections=False)
+        ]
+        for obj, action in written:
+            connection = session.connection(bind_arguments={"mapper": inspect(obj).mapper})
+            rows.append(as_written(connection, obj).outbox_event_values(action))
     wrote = bool(rows) or any(isinstance(obj, OutboxEvent) for obj in session.new)
     if not wrote:
         return
@@ -364,12 +419,24 @@ class OutboxEvent(db.Model):
         *,
         headers: dict[str, str] | None = None,
         ordering_key: str | None = None,
+        lock: Any = None,
     ) -> OutboxEvent:
         """Add an event to `session`; it is written, or not, with the session's transaction.
 
-        For per-aggregate commit order, change (and so lock) the aggregate's
-        row in the same transaction before adding its event, as OutboxMixin does.
+        Its position is taken under the aggregate's row lock, so the events of
+        one aggregate are numbered in the order their transactions commit:
+        this flushes the session (a pending change of the aggregate takes the
+        lock as OutboxMixin's events do) and locks the aggregate's row with
+        SELECT ... FOR UPDATE before the event is added. The aggregate is the
+        OutboxMixin model whose type is `aggregate_type`, found by its id; its
+        version goes into the `aggregate-version` header. Pass `lock` (a
+        mapped object) when that cannot find it, and with a custom
+        `ordering_key`: the row that owns the key, which every writer of that
+        key must lock the same way.
         """
+        version = lock_aggregate(session, lock, aggregate_type, aggregate_id)
+        if version is not None:
+            headers = {VERSION_HEADER: str(version), **(headers or {})}
         event = cls(**event_values(event_type, aggregate_type, aggregate_id, payload, headers, ordering_key))
         session.add(event)
         return event
@@ -386,3 +453,59 @@ class OutboxEvent(db.Model):
 
     def __repr__(self) -> str:
         return f"<OutboxEvent {self.id} {self.event_type} {self.status}>"
+
+
+def aggregate_mapper(aggregate_type: str) -> Mapper | None:
+    """The mapper of the OutboxMixin model (the topmost, with inheritance) of `aggregate_type`."""
+    for mapper in db.Model.registry.mappers:
+        model = mapper.class_
+        if (
+            issubclass(model, OutboxMixin)
+            and mapper.inherits is None
+            and model.outbox_aggregate_type() == aggregate_type
+            and model.outbox_aggregate_id is OutboxMixin.outbox_aggregate_id
+        ):
+            return mapper
+    return None
+
+
+def lock_aggregate(session: Session, lock: Any, aggregate_type: str, aggregate_id: Any) -> int | None:
+    """Flush, then lock the row of `lock` (or of the aggregate) until commit; its version, if any.
+
+    Writers of one aggregate then take their events' positions one after the
+    other, in commit order. Without a row to lock (no model of this
+    aggregate type) it neither flushes nor locks. Returns None then, when
+    there is no such row, when the row has no version, and when `lock` is
+    another row than the aggregate's.
+    """
+    if lock is not None:
+        session.flush()  # a new `lock` gets its primary key, a changed one its UPDATE
+        mapper = inspect(lock).mapper
+        identity = tuple(mapper.primary_key_from_instance(lock))
+        is_aggregate = (
+            isinstance(lock, OutboxMixin)
+            and lock.outbox_aggregate_type() == aggregate_type
+            and lock.outbox_aggregate_id() == str(aggregate_id)
+        )
+    else:
+        mapper = aggregate_mapper(aggregate_type)
+        if mapper is None or len(mapper.primary_key) != 1:
+            return None
+        try:
+            identity = (mapper.primary_key[0].type.python_type(aggregate_id),)
+        except (NotImplementedError, TypeError, ValueError):
+            return None
+        session.flush()  # a pending change of the aggregate takes the lock, and gets its event, first
+        is_aggregate = True
+    version_column = mapper.version_id_col
+    columns = [*mapper.primary_key, *([version_column] if version_column is not None else [])]
+    row = session.execute(
+        select(*columns)
+        .select_from(mapper.persist_selectable)
+        .where(primary_key_clause(mapper, identity))
+        .with_for_update(),
+        bind_arguments={"mapper": mapper},
+    ).first()
+    if row is None or version_column is None or not is_aggregate:
+        return None
+    return row[-1]
