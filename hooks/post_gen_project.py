@@ -204,6 +204,7 @@ FEATURES: tuple[Feature, ...] = (
             "tests/test_outbox.py",
             "tests/test_outbox_concurrency.py",
             "tests/test_outbox_crash.py",
+            "tests/test_outbox_relay.py",
         ),
         compose_services=("outbox-relay",),
         # compose runs the relay as its own service, not as a thread in the app.
