@@ -17,7 +17,7 @@ from sqlalchemy import event, select, text
 
 from app.events import processor
 from app.extensions import db
-from common_utils.outbox import FAILED, PENDING, PROCESSED, OutboxEvent, event_values
+from common_utils.outbox import FAILED, PENDING, PROCESSED, OutboxEvent, event_values, utcnow
 from common_utils.outbox.relay import OutboxSettings
 from tests.outbox_support import registered_handler, wait_until
 
@@ -419,3 +419,44 @@ def test_the_notifier_sends_one_notify_per_interval_however_many_commits(relay_a
         first = list(listener.notifies(timeout=5, stop_after=1))
         more = list(listener.notifies(timeout=0.5))
     assert (len(first), len(more)) == (1, 0)
+
+
+# -- item 13: retention and indexes -----------------------------------------------------
+
+
+def test_retention_deletes_finished_events_by_key_ranges_past_parked_ones(relay_app):
+    """Old processed and skipped rows go in primary-key ranges; a parked row neither goes nor stops it."""
+    old = utcnow() - timedelta(days=30)
+    with relay_app.app_context():
+        rows = [event_values("test.happened", "test", "a", {"seq": seq}) for seq in range(25)]
+        for index, row in enumerate(rows):
+            row.update(status=PROCESSED, processed_at=old)
+            if index == 3:
+                row.update(status=FAILED, processed_at=None)  # parked, in the middle of old rows
+            if index == 4:
+                row.update(status="skipped")
+        rows[-1].update(processed_at=utcnow())  # young: retention stops here
+        db.session.execute(OutboxEvent.__table__.insert(), rows)
+        db.session.commit()
+        db.session.remove()
+    state = relay_app.extensions["outbox"]
+    state.settings.cleanup_batch_size = 4
+    assert state.cleanup() == 23
+    assert sorted(statuses(relay_app).values()) == [FAILED, PROCESSED]
+
+
+def test_the_pending_index_is_partial_on_postgresql(relay_app):
+    """Two secondary indexes besides the keys; on PostgreSQL they hold unfinished rows only."""
+    with relay_app.app_context():
+        if db.engine.dialect.name != "postgresql":
+            pytest.skip("partial indexes: PostgreSQL (MySQL/MariaDB have none; see the README)")
+        with db.engine.connect() as connection:
+            definitions = dict(
+                connection.execute(
+                    text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'outbox_events'")
+                ).all()
+            )
+    secondary = {name: definition for name, definition in definitions.items() if name.startswith("ix_")}
+    assert sorted(secondary) == ["ix_outbox_events_pending", "ix_outbox_events_unfinished"]
+    assert all(" WHERE " in definition for definition in secondary.values())
+    assert len(definitions) == 4  # with the primary key and the unique event id
