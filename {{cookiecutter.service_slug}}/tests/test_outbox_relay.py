@@ -18,6 +18,7 @@ from sqlalchemy import event, select, text
 from app.events import processor
 from app.extensions import db
 from common_utils.outbox import FAILED, PENDING, PROCESSED, OutboxEvent, event_values, utcnow
+from common_utils.outbox.heartbeat import OutboxRelay
 from common_utils.outbox.relay import OutboxSettings
 from tests.outbox_support import registered_handler, wait_until
 
@@ -312,6 +313,30 @@ def test_the_relay_loop_survives_any_exception(relay_app):
     finally:
         stop_relay(relay, thread)
     assert transport.published == ids
+{%- if cookiecutter.outbox == "rabbitmq" %}
+
+
+def test_a_malformed_amqp_url_is_logged_and_retried_not_fatal(app, make_app):
+    """The RabbitMQ transport cannot even be built: the loop records the error and keeps going."""
+    built = make_app(OUTBOX_TRANSPORT="rabbitmq", AMQP_URL="amqp://guest:guest@127.0.0.1:notaport/%2F")
+    state = built.extensions["outbox"]
+    write(built, [("a", 0)])
+    relay, thread = run_relay(built, workers=1)
+    try:
+
+        def recorded_error():
+            with built.app_context():
+                errors = db.session.scalars(select(OutboxRelay.last_error)).all()
+                db.session.remove()
+            return any("Port could not be cast" in (error or "") for error in errors)
+
+        wait_until(recorded_error, timeout=5, what="the error in the relay's heartbeat")
+        assert thread.is_alive()
+    finally:
+        stop_relay(relay, thread)
+        state.close()
+    assert set(statuses(built).values()) == {PENDING}
+{%- endif %}
 
 
 def readiness(app) -> tuple[int, dict]:
