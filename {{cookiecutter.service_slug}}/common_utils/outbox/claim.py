@@ -21,7 +21,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import and_, any_, bindparam, delete, exists, func, literal_column, or_, select, update
+from sqlalchemy import (
+    and_,
+    any_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
@@ -37,14 +48,14 @@ PROCESSED_SQL = literal_column(f"'{PROCESSED}'")
 SKIPPED_SQL = literal_column(f"'{SKIPPED_BY_OPERATOR}'")
 
 
-class db_now(FunctionElement):  # noqa: N801 - reads as the SQL function it is
+class db_now(FunctionElement):
     """The database's current UTC time, in the format UTCTimestamp stores."""
 
     type = UTCTimestamp()
     inherit_cache = True
 
 
-class db_now_plus(FunctionElement):  # noqa: N801
+class db_now_plus(FunctionElement):
     """The database's current UTC time plus a number of seconds (a float, may be negative)."""
 
     type = UTCTimestamp()
