@@ -113,7 +113,8 @@ def commit_rows(project: str, environ: dict, mode: str, seconds: float, start_at
     """
     os.environ.update(environ)
     sys.path.insert(0, project)
-    from common_utils.outbox import NOTIFY_CHANNEL, OutboxEvent, event_values
+    from common_utils.outbox import OutboxEvent, event_values
+    from common_utils.outbox.model import NOTIFY_CHANNEL
     from common_utils.outbox.relay import notifier_for
     from config import normalise_database_url
     from sqlalchemy import create_engine, text

@@ -188,7 +188,7 @@ class Config:
         self.OUTBOX_RELAY_WORKERS = env.int("OUTBOX_RELAY_WORKERS", 2)
         # A claimed batch is the relay's for this long (database clock); publishing
         # must end within it, or another relay publishes the batch again.
-        self.OUTBOX_LEASE_SECONDS = env.float("OUTBOX_LEASE_SECONDS", 60.0)
+        self.OUTBOX_LEASE_SECONDS = env.float("OUTBOX_LEASE_SECONDS", 30.0)
         # Retries: attempt n waits BASE * 2**(n-1) s (capped, jittered); the defaults
         # retry for about 7 to 13 minutes before the event is dead-lettered and parks its key.
         self.OUTBOX_MAX_RETRY = env.int("OUTBOX_MAX_RETRY", 10)

@@ -131,7 +131,7 @@ class OutboxSettings:
             max_retry=max(1, config.get("OUTBOX_MAX_RETRY", 10)),
             backoff_base=config.get("OUTBOX_BACKOFF_BASE", 2.0),
             backoff_max=config.get("OUTBOX_BACKOFF_MAX", 300.0),
-            lease=max(0.1, config.get("OUTBOX_LEASE_SECONDS", 60.0)),
+            lease=max(0.1, config.get("OUTBOX_LEASE_SECONDS", 30.0)),
             retention_hours=config.get("OUTBOX_RETENTION_HOURS", 168.0),
             cleanup_batch_size=max(1, config.get("OUTBOX_CLEANUP_BATCH_SIZE", 10000)),
             cleanup_interval=config.get("OUTBOX_CLEANUP_INTERVAL", 60.0),
