@@ -3,16 +3,26 @@
 Renders a project (postgresql, outbox with the rabbitmq transport), migrates
 a scratch database and measures:
 
-1. raw: the relay's own claim-and-update statements with a transport that
-   publishes nothing, over a backlog: the database's limit on this machine;
-2. relay: the same backlog relayed to RabbitMQ with publisher confirms
-   (one relay, then two), as events/s and as a share of the raw rate;
-3. latency: commit-to-confirm with events offered at a steady rate
-   (one transaction per event, NOTIFY wake-ups), p50/p99/max;
-4. guide: the migration guide's algorithm on the same setup: one thread,
-   `process_pending_events(limit=10)` with a per-event publish and commit
-   (pika BlockingConnection, confirm per message), timed without its 10 s
-   sleep; with the sleep it moves at most limit/interval = 1 event/s.
+1. raw claim: the relay's own claim, lease and mark statements with a
+   transport that publishes nothing, over a backlog: the database's limit;
+2. raw publish: the same RabbitMQ client publishing the same rows in
+   batches with publisher confirms to a durable queue, no database: the
+   broker's limit on this machine;
+3. relay: the backlog relayed to RabbitMQ with confirms (one relay, then
+   two workers), as events/s and as a share of the slower raw rate;
+4. latency: commit-to-confirm with events offered at a steady rate by
+   several writer processes (one transaction per event, woken as the
+   service wakes relays: after commit, a debounced NOTIFY), p50/p99/max;
+   and commit-to-publish of single events to an idle relay;
+5. writers: 16 writer processes committing one row per transaction, with
+   the outbox off (the row only) and on (the row, its event, the
+   after-commit wake-up), and for reference with the old in-transaction
+   pg_notify; the ratio on/off;
+6. retention: processed events deleted per second by `cleanup()`;
+7. guide: the migration guide's algorithm on the same setup, measured:
+   `process_pending_events(limit=10)` with a per-event publish and
+   commit (pika BlockingConnection, confirm per message), without its
+   10 s sleep, and as written (with the sleep) for a few rounds.
 
 Prints a table and one JSON line; asserts nothing. Needs the rendered
 project's requirements (Flask, SQLAlchemy, psycopg, pika) and cookiecutter
@@ -57,20 +67,22 @@ def render(output: Path) -> Path:
 def write_events(project: str, environ: dict, rate: float, seconds: float, start_at: float) -> dict[str, float]:
     """A writer process: one event per transaction at `rate`/s; {event id: commit time}.
 
-    It issues the SQL the service's session hooks issue (the event row and,
-    on PostgreSQL, the NOTIFY) through a bare SQLAlchemy engine: the Flask
-    app's per-request overhead would only compete with the relay for this
-    machine's two cores without changing the commit-to-confirm interval.
+    It issues what the service's session hooks issue (the event row, then
+    after the commit a wake-up: the debounced NOTIFY of common_utils.outbox)
+    through a bare SQLAlchemy engine: the Flask app's per-request overhead
+    would only compete with the relay for this machine's cores without
+    changing the commit-to-confirm interval.
     """
     os.environ.update(environ)
     sys.path.insert(0, project)
-    from common_utils.outbox import NOTIFY_CHANNEL, OutboxEvent, event_values
+    from common_utils.outbox import OutboxEvent, event_values
+    from common_utils.outbox.relay import notifier_for
     from config import normalise_database_url
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
 
     engine = create_engine(normalise_database_url(environ["DATABASE_URL"]))
+    notifier = notifier_for(engine.url, float(environ.get("OUTBOX_NOTIFY_INTERVAL", "0.02")))
     insert = OutboxEvent.__table__.insert()
-    notify = text("SELECT pg_notify(:channel, '')")
     committed = {}
     next_at = start_at
     with engine.connect() as connection:
@@ -81,11 +93,56 @@ def write_events(project: str, environ: dict, rate: float, seconds: float, start
             values = event_values("bench.happened", "bench", f"{os.getpid()}-{index % 50}", {"index": index})
             with connection.begin():
                 connection.execute(insert, values)
-                connection.execute(notify, {"channel": NOTIFY_CHANNEL})
             committed[values["id"]] = time.monotonic()
+            notifier.wake(engine.url)
             next_at += 1 / rate
+    time.sleep(0.2)  # the notifier thread sends the last wake-up
     engine.dispose()
     return committed
+
+
+WRITE_TABLE = "bench_writes"
+
+
+def commit_rows(project: str, environ: dict, mode: str, seconds: float, start_at: float) -> int:
+    """A writer process: commits as fast as it can for `seconds`; the number of commits.
+
+    mode "off": one row per transaction; "on": the row and its outbox event,
+    then the service's after-commit wake-up; "notify": the row, the event and
+    a pg_notify inside the transaction (the old design, for reference).
+    """
+    os.environ.update(environ)
+    sys.path.insert(0, project)
+    from common_utils.outbox import OutboxEvent, event_values
+    from common_utils.outbox.model import NOTIFY_CHANNEL
+    from common_utils.outbox.relay import notifier_for
+    from config import normalise_database_url
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(normalise_database_url(environ["DATABASE_URL"]))
+    notifier = notifier_for(engine.url, float(environ.get("OUTBOX_NOTIFY_INTERVAL", "0.02")))
+    row = text(f"INSERT INTO {WRITE_TABLE} (payload) VALUES (:payload)")
+    event = OutboxEvent.__table__.insert()
+    notify = text("SELECT pg_notify(:channel, '')")
+    commits = 0
+    with engine.connect() as connection:
+        delay = start_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        end = start_at + seconds
+        while time.monotonic() < end:
+            with connection.begin():
+                connection.execute(row, {"payload": "x" * 100})
+                if mode != "off":
+                    values = event_values("bench.written", "bench", f"{os.getpid()}-{commits % 50}", {"n": commits})
+                    connection.execute(event, values)
+                if mode == "notify":
+                    connection.execute(notify, {"channel": NOTIFY_CHANNEL})
+            if mode == "on":
+                notifier.wake(engine.url)
+            commits += 1
+    engine.dispose()
+    return commits
 
 
 class NullTransport:
@@ -119,7 +176,7 @@ class Bench:
         from app import create_app
         from app.extensions import db
         from flask_migrate import upgrade
-        from sqlalchemy import MetaData
+        from sqlalchemy import MetaData, text
 
         self.db = db
         self.exchange = f"outbox-bench-{uuid.uuid4().hex[:8]}"
@@ -128,7 +185,9 @@ class Bench:
             metadata = MetaData()
             metadata.reflect(db.engine)
             metadata.drop_all(db.engine)
-            upgrade()
+            upgrade(revision="heads")
+            db.session.execute(text(f"CREATE TABLE {WRITE_TABLE} (id BIGSERIAL PRIMARY KEY, payload TEXT)"))
+            db.session.commit()
         self.state = self.app.extensions["outbox"]
         self.amqp_url = amqp_url
         self.sink = self.bind_sink_queue()
@@ -140,8 +199,11 @@ class Bench:
         connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
         channel = connection.channel()
         channel.exchange_declare(self.exchange, "topic", durable=True)
-        # Bounded like a queue with a live consumer: old messages are dropped, not piled up.
-        queue = channel.queue_declare("", exclusive=True, arguments={"x-max-length": 10_000}).method.queue
+        # Durable, so confirms wait for the disk as they would for a real consumer's
+        # queue; bounded like a queue with a live consumer (old messages dropped).
+        queue = channel.queue_declare(
+            f"{self.exchange}-sink", durable=True, arguments={"x-max-length": 10_000}
+        ).method.queue
         channel.queue_bind(queue, self.exchange, "#")
         return connection, channel, queue
 
@@ -150,7 +212,8 @@ class Bench:
         channel.queue_purge(queue)
 
     def close(self) -> None:
-        connection, channel, _ = self.sink
+        connection, channel, queue = self.sink
+        channel.queue_delete(queue)
         channel.exchange_delete(self.exchange)
         connection.close()
         self.state.close()
@@ -256,13 +319,89 @@ class Bench:
             "max_ms": round(latencies[-1], 1),
         }
 
-    def guide_rate(self, events: int) -> float:
-        """The guide's processor: query 10 pending, publish each (confirm), commit each; no sleep."""
+    def raw_publish_rate(self, events: int, batch: int = 500) -> float:
+        """The relay's RabbitMQ client alone: the backlog's rows published in batches with confirms."""
+        from common_utils.outbox import OutboxEvent
+        from sqlalchemy import select
+
+        self.fill_backlog(events)
+        table = OutboxEvent.__table__
+        columns = [table.c[name] for name in (
+            "position", "id", "event_type", "aggregate_type", "aggregate_id",
+            "ordering_key", "payload", "headers", "created_at", "retry_count",
+        )]
+        with self.app.app_context(), self.db.engine.connect() as connection:
+            rows = connection.execute(select(*columns).order_by(table.c.position)).all()
+        self.purge_sink()
+        transport = self.state.transport
+        transport.publish([])  # connect before the clock starts
+        started = time.perf_counter()
+        for start in range(0, len(rows), batch):
+            results = transport.publish(rows[start : start + batch])
+            assert all(result is None for result in results), results[:3]
+        rate = len(rows) / (time.perf_counter() - started)
+        self.purge_sink()
+        return rate
+
+    def writers(self, processes: int, seconds: float, modes=("off", "on", "notify")) -> dict[str, float]:
+        """Commits/s of `processes` concurrent writer processes per mode (see commit_rows)."""
+        from sqlalchemy import text
+
+        context = multiprocessing.get_context("spawn")
+        rates = {}
+        with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
+            barrier = manager.Barrier(processes)
+            for _ in pool.map(warm_up, [self.project] * processes, [barrier] * processes):
+                pass
+            for mode in modes:
+                with self.app.app_context(), self.db.engine.begin() as connection:
+                    connection.execute(text(f"TRUNCATE {WRITE_TABLE}, outbox_events"))
+                start_at = time.monotonic() + 2.0
+                futures = [
+                    pool.submit(commit_rows, self.project, dict(os.environ), mode, seconds, start_at)
+                    for _ in range(processes)
+                ]
+                rates[mode] = sum(future.result() for future in futures) / seconds
+        self.fill_backlog(0)
+        return rates
+
+    def retention_rate(self, events: int) -> float:
+        """Processed events past retention deleted per second by the relay's cleanup."""
+        from sqlalchemy import text
+
+        self.fill_backlog(events)
+        with self.app.app_context(), self.db.engine.begin() as connection:
+            connection.execute(
+                text("UPDATE outbox_events SET status = 'processed', processed_at = now() - interval '30 days'")
+            )
+            connection.execute(text("ANALYZE outbox_events"))
+        started = time.perf_counter()
+        deleted = self.state.cleanup(max_batches=10_000)
+        rate = deleted / (time.perf_counter() - started)
+        assert deleted == events, (deleted, events)
+        return rate
+
+    def guide_as_written(self, rounds: int, interval: float = 10.0) -> float:
+        """The guide's loop with its sleep: `process_pending_events(limit=10)` every `interval` s."""
+        process_pending_events, close = self.guide_processor()
+        started = time.perf_counter()
+        done = 0
+        with self.app.app_context():
+            for round_ in range(rounds):
+                done += process_pending_events(limit=10)
+                if round_ < rounds - 1:
+                    time.sleep(interval)
+            self.db.session.remove()
+        elapsed = max(time.perf_counter() - started, interval * (rounds - 1))
+        close()
+        return done / elapsed
+
+    def guide_processor(self):
+        """The guide's process_pending_events on this setup, and a function that closes its broker connection."""
         import pika
         from common_utils.outbox import PENDING, PROCESSED, OutboxEvent, utcnow
         from sqlalchemy import select
 
-        self.fill_backlog(events)
         connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
         channel = connection.channel()
         channel.confirm_delivery()
@@ -282,6 +421,16 @@ class Bench:
                 session.commit()
             return len(pending)
 
+        def close():
+            connection.close()
+            self.purge_sink()
+
+        return process_pending_events, close
+
+    def guide_rate(self, events: int) -> float:
+        """The guide's processor: query 10 pending, publish each (confirm), commit each; no sleep."""
+        self.fill_backlog(events)
+        process_pending_events, close = self.guide_processor()
         started = time.perf_counter()
         done = 0
         with self.app.app_context():
@@ -289,9 +438,17 @@ class Bench:
                 done += processed
             self.db.session.remove()
         elapsed = time.perf_counter() - started
-        connection.close()
-        self.purge_sink()
+        close()
         return done / elapsed
+
+
+def warm_up(project: str, barrier) -> None:
+    """Import what a writer needs, then wait until every process of the pool has."""
+    sys.path.insert(0, project)
+    import common_utils.outbox.relay  # noqa: F401
+    import sqlalchemy  # noqa: F401
+
+    barrier.wait()
 
 
 def main() -> int:
@@ -301,7 +458,10 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000, help="backlog size")
     parser.add_argument("--rate", type=int, default=1000, help="offered events/s for the latency run")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the latency run")
+    parser.add_argument("--writers", type=int, default=16, help="writer processes for the commit throughput run")
+    parser.add_argument("--writer-seconds", type=float, default=5.0, help="length of each commit throughput run")
     parser.add_argument("--guide-events", type=int, default=5000, help="backlog for the guide's loop")
+    parser.add_argument("--guide-rounds", type=int, default=3, help="rounds of the guide's loop as written (10 s apart)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as folder:
@@ -311,36 +471,57 @@ def main() -> int:
         bench = Bench(project, args.database_url, args.amqp_url)
         try:
             raw = {workers: bench.raw_rate(args.events, workers) for workers in (1, 2)}
+            raw_publish = bench.raw_publish_rate(args.events)
             relay = {workers: bench.relay_rate(args.events, workers) for workers in (1, 2)}
             latency = bench.latency(args.rate, args.seconds)
+            idle = bench.latency(5, 8.0, writers=1)
+            writers = bench.writers(args.writers, args.writer_seconds)
+            retention = bench.retention_rate(args.events)
             guide = bench.guide_rate(args.guide_events)
+            bench.fill_backlog(args.guide_events)
+            guide_written = bench.guide_as_written(args.guide_rounds)
         finally:
             bench.close()
 
     best_raw, best_relay = max(raw.values()), max(relay.values())
+    slower_raw = min(best_raw, raw_publish)
     results = {
         "backlog_events": args.events,
         "raw_claim_and_update_per_s": {f"{workers}_workers": round(rate) for workers, rate in raw.items()},
+        "raw_confirmed_publish_durable_per_s": round(raw_publish),
         "relay_rabbitmq_confirms_per_s": {f"{workers}_workers": round(rate) for workers, rate in relay.items()},
-        "relay_share_of_raw": round(best_relay / best_raw, 3),
+        "relay_share_of_slower_raw": round(best_relay / slower_raw, 3),
         "latency": latency,
+        "idle_latency": idle,
+        "writers_commits_per_s": {mode: round(rate) for mode, rate in writers.items()},
+        "writers_ratio_on_off": round(writers["on"] / writers["off"], 3),
+        "writers_ratio_notify_in_transaction_off": round(writers["notify"] / writers["off"], 3),
+        "retention_deleted_per_s": round(retention),
         "guide_loop_without_sleep_per_s": round(guide, 1),
-        "guide_with_10s_sleep_per_s": 1.0,
+        "guide_loop_as_written_per_s": round(guide_written, 2),
     }
-    print(f"backlog of {args.events} events, PostgreSQL -> RabbitMQ with confirms, batches of 500")
+    print(f"backlog of {args.events} events, PostgreSQL -> RabbitMQ (durable queue) with confirms, batches of 500")
     for workers in (1, 2):
-        print(f"  raw claim-and-update, no publish, {workers} worker(s)  {raw[workers]:8.0f} events/s")
+        print(f"  raw claim-lease-mark, no publish, {workers} worker(s)  {raw[workers]:8.0f} events/s")
+    print(f"  raw confirmed publish, no database        {raw_publish:8.0f} events/s")
     for workers in (1, 2):
         print(
             f"  relay with confirms, {workers} worker(s)             {relay[workers]:8.0f} events/s"
-            f"  ({relay[workers] / best_raw:.0%} of the best raw rate)"
+            f"  ({relay[workers] / slower_raw:.0%} of the slower raw rate; target >= 80%)"
+        )
+    for name, run in (("latency", latency), ("idle relay", idle)):
+        print(
+            f"  {name} at {run['offered_per_s']} events/s offered (1 per transaction): p50 {run['p50_ms']} ms, "
+            f"p99 {run['p99_ms']} ms, max {run['max_ms']} ms ({run['confirmed']}/{run['events']} confirmed)"
         )
     print(
-        f"  latency at {latency['offered_per_s']} events/s offered (1 per transaction): p50 {latency['p50_ms']} ms, "
-        f"p99 {latency['p99_ms']} ms, max {latency['max_ms']} ms ({latency['confirmed']}/{latency['events']} confirmed)"
+        f"  {args.writers} writers, commits/s: outbox off {writers['off']:.0f}, on {writers['on']:.0f} "
+        f"({writers['on'] / writers['off']:.0%}; target >= 90%), old in-transaction pg_notify "
+        f"{writers['notify']:.0f} ({writers['notify'] / writers['off']:.0%})"
     )
+    print(f"  retention: {retention:8.0f} processed events deleted/s (target >= 10,000)")
     print(f"  guide's loop, no sleep                   {guide:8.1f} events/s  ({best_relay / guide:.0f}x slower than the relay)")
-    print("  guide's loop as written (limit=10 every 10 s): at most 1 event/s")
+    print(f"  guide's loop as written (limit=10, 10 s sleep), {args.guide_rounds} rounds: {guide_written:.2f} events/s")
     print(json.dumps(results))
     return 0
 

@@ -204,12 +204,14 @@ FEATURES: tuple[Feature, ...] = (
             "tests/test_outbox.py",
             "tests/test_outbox_concurrency.py",
             "tests/test_outbox_crash.py",
+            "tests/test_outbox_relay.py",
             "tests/test_outbox_writes.py",
         ),
         compose_services=("outbox-relay",),
         # compose runs the relay as its own service, not as a thread in the app.
         environment={"OUTBOX_RELAY_IN_APP": "false"},
         tables=("outbox_events", "processed_messages"),
+        migration_steps=("outbox_relay_leases",),
         summary="Transactional outbox: events written with the data, relayed in order with retries",
     ),
     Feature(
@@ -489,6 +491,59 @@ MIGRATION_TABLES: dict[str, tuple[str, str]] = {
 #: Later changes to released tables (see Feature.migration_steps):
 #: (one-line title, upgrade code, downgrade code). Formatted like MIGRATION_TABLES.
 MIGRATION_STEPS: dict[str, tuple[str, str, str]] = {
+    "outbox_relay_leases": (
+        "Relay leases, fewer and partial indexes on outbox_events; relay heartbeats in outbox_relays.",
+        """\
+    timestamp = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+    op.add_column("outbox_events", sa.Column("claimed_until", timestamp, nullable=True))
+    op.add_column("outbox_events", sa.Column("claimed_by", sa.String(length=36), nullable=True))
+    op.drop_index(op.f("ix_outbox_events_status_ordering_key_position"), table_name="outbox_events")
+    op.drop_index(op.f("ix_outbox_events_status_position"), table_name="outbox_events")
+    op.drop_index(op.f("ix_outbox_events_event_type"), table_name="outbox_events")
+    # Partial on PostgreSQL and SQLite (unfinished rows only); MySQL/MariaDB
+    # have no partial index and build full ones, led by the status.
+    op.create_index(
+        "ix_outbox_events_pending",
+        "outbox_events",
+        ["status", "position"],
+        postgresql_where=sa.text("status = 'pending'"),
+        sqlite_where=sa.text("status = 'pending'"),
+    )
+    op.create_index(
+        "ix_outbox_events_unfinished",
+        "outbox_events",
+        ["ordering_key", "status", "position"],
+        postgresql_where=sa.text("status IN ('pending', 'failed')"),
+        sqlite_where=sa.text("status IN ('pending', 'failed')"),
+    )
+    op.create_table(
+        "outbox_relays",
+        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.Column("host", sa.String(length=255), nullable=False),
+        sa.Column("pid", sa.Integer(), nullable=False),
+        sa.Column("started_at", timestamp, nullable=False),
+        sa.Column("heartbeat_at", timestamp, nullable=False),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_outbox_relays")),
+    )
+""",
+        """\
+    op.drop_table("outbox_relays")
+    op.drop_index("ix_outbox_events_unfinished", table_name="outbox_events")
+    op.drop_index("ix_outbox_events_pending", table_name="outbox_events")
+    op.create_index(op.f("ix_outbox_events_event_type"), "outbox_events", ["event_type"])
+    op.create_index(
+        op.f("ix_outbox_events_status_position"), "outbox_events", ["status", "position"]
+    )
+    op.create_index(
+        op.f("ix_outbox_events_status_ordering_key_position"),
+        "outbox_events",
+        ["status", "ordering_key", "position"],
+    )
+    op.drop_column("outbox_events", "claimed_by")
+    op.drop_column("outbox_events", "claimed_until")
+""",
+    ),
     "resource_version": (
         "A version on each of {resource_plural} (optimistic concurrency; existing rows get 1).",
         """\

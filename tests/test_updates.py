@@ -104,7 +104,7 @@ TEAM_FILES = ("app/models.py", "tests/test_notes.py")
 
 #: Revisions the template has shipped: never change one (services have applied it).
 #: Each feature's, oldest first: a later step is appended, never inserted.
-RELEASED_REVISIONS = {"core": ["core_0001", "core_0002"], "outbox": ["outbox_0001"]}
+RELEASED_REVISIONS = {"core": ["core_0001", "core_0002"], "outbox": ["outbox_0001", "outbox_0002"]}
 
 
 # --------------------------------------------------------------------------- helpers

@@ -173,24 +173,35 @@ class Config:
 {%- if cookiecutter.outbox != "none" %}
 
         # Transactional outbox. OUTBOX_PROCESSING_INTERVAL is the longest idle
-        # wait between polls: PostgreSQL NOTIFY and commits in the same process
-        # wake the relay at once, and it polls again at once after a full batch.
+        # wait between polls: commits (in this process at once, in others through
+        # a debounced PostgreSQL NOTIFY) wake the relay, and after a full batch it
+        # goes on at once.
         self.OUTBOX_ENABLED = env.bool("OUTBOX_ENABLED", True)
         self.OUTBOX_RELAY_IN_APP = env.bool("OUTBOX_RELAY_IN_APP", True)
         self.OUTBOX_TRANSPORT = env.str("OUTBOX_TRANSPORT", {{ cookiecutter.outbox | py_string }})
         self.OUTBOX_PROCESSING_INTERVAL = env.float("OUTBOX_PROCESSING_INTERVAL", 1.0)
         self.OUTBOX_MIN_POLL_INTERVAL = env.float("OUTBOX_MIN_POLL_INTERVAL", 0.05)
-        self.OUTBOX_MAX_RETRY = env.int("OUTBOX_MAX_RETRY", 5)
+        # At most one NOTIFY per interval per process, sent outside the writers' transactions.
+        self.OUTBOX_NOTIFY_INTERVAL = env.float("OUTBOX_NOTIFY_INTERVAL", 0.02)
         self.OUTBOX_BATCH_SIZE = env.int("OUTBOX_BATCH_SIZE", 500)
-        # Batches in flight per relay (one claims while another awaits confirms); 1 on SQLite.
+        # Batches in flight per relay (one claims while another publishes); 1 on SQLite.
         self.OUTBOX_RELAY_WORKERS = env.int("OUTBOX_RELAY_WORKERS", 2)
-        self.OUTBOX_BACKOFF_BASE = env.float("OUTBOX_BACKOFF_BASE", 1.0)
+        # A claimed batch is the relay's for this long (database clock); publishing
+        # must end within it, or another relay publishes the batch again.
+        self.OUTBOX_LEASE_SECONDS = env.float("OUTBOX_LEASE_SECONDS", 30.0)
+        # Retries: attempt n waits BASE * 2**(n-1) s (capped, jittered); the defaults
+        # retry for about 7 to 13 minutes before the event is dead-lettered and parks its key.
+        self.OUTBOX_MAX_RETRY = env.int("OUTBOX_MAX_RETRY", 10)
+        self.OUTBOX_BACKOFF_BASE = env.float("OUTBOX_BACKOFF_BASE", 2.0)
         self.OUTBOX_BACKOFF_MAX = env.float("OUTBOX_BACKOFF_MAX", 300.0)
         self.OUTBOX_RETENTION_HOURS = env.float("OUTBOX_RETENTION_HOURS", 168.0)
-        self.OUTBOX_CLEANUP_BATCH_SIZE = env.int("OUTBOX_CLEANUP_BATCH_SIZE", 1000)
-        self.OUTBOX_CLEANUP_INTERVAL = env.float("OUTBOX_CLEANUP_INTERVAL", 300.0)
-        # /health/ready reports the outbox as down when its oldest pending event is older.
+        # Finished events are deleted by primary-key ranges of this many positions.
+        self.OUTBOX_CLEANUP_BATCH_SIZE = env.int("OUTBOX_CLEANUP_BATCH_SIZE", 10000)
+        self.OUTBOX_CLEANUP_INTERVAL = env.float("OUTBOX_CLEANUP_INTERVAL", 60.0)
+        # /health/ready reports the outbox as down when its oldest pending event is older,
+        # and outbox_relay as down when a relay loop has not beaten for OUTBOX_RELAY_STALE_AFTER s.
         self.OUTBOX_MAX_LAG = env.float("OUTBOX_MAX_LAG", 60.0)
+        self.OUTBOX_RELAY_STALE_AFTER = env.float("OUTBOX_RELAY_STALE_AFTER", 60.0)
 {%- if cookiecutter.outbox == "rabbitmq" %}
         self.AMQP_URL = self.secret(env, "AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
         self.OUTBOX_EXCHANGE = env.str("OUTBOX_EXCHANGE", self.SERVICE_NAME)

@@ -213,32 +213,6 @@ def test_a_failing_event_holds_back_its_aggregate_only(outbox_app):
     assert statuses == [("stuck", PENDING)] * 3
 
 
-def test_after_dead_lettering_the_aggregate_moves_on_and_requeue_republishes(outbox_app):
-    """A dead letter stops blocking its aggregate; `flask outbox requeue` publishes it again."""
-    calls = []
-    broken = {"on": True}
-
-    def handler(aggregate_id, payload, event):
-        if broken["on"] and payload["seq"] == 0:
-            raise RuntimeError("poison")
-        calls.append(payload["seq"])
-
-    first = add_event(outbox_app, "a", 0)
-    add_event(outbox_app, "a", 1)
-    state = outbox_app.extensions["outbox"]
-    with registered_handler("test.happened", handler), outbox_app.app_context():
-        wait_until(lambda: state.run_batch().dead_lettered, timeout=5, what="the dead letter")
-        drain(outbox_app)
-        assert calls == [1]
-        broken["on"] = False
-        result = outbox_app.test_cli_runner().invoke(args=["outbox", "requeue", "--id", first])
-        assert result.exit_code == 0, result.output
-        assert "requeued 1 event(s)" in result.output
-        drain(outbox_app)
-    assert calls == [1, 0]
-    assert {event.status for event in all_events(outbox_app)} == {PROCESSED}
-
-
 def test_requeue_needs_to_be_told_which_events(outbox_app):
     """`flask outbox requeue` with no selection is a usage error, not a requeue of everything."""
     result = outbox_app.test_cli_runner().invoke(args=["outbox", "requeue"])

@@ -26,7 +26,7 @@ from tests.outbox_support import (
 def relay_app(app, make_app):
     built = make_app(
         OUTBOX_TRANSPORT="in_process",
-        OUTBOX_BATCH_SIZE=200,
+        OUTBOX_BATCH_SIZE=50,
         OUTBOX_BACKOFF_BASE=0.01,
         OUTBOX_BACKOFF_MAX=0.05,
         OUTBOX_MIN_POLL_INTERVAL=0.01,
@@ -39,12 +39,12 @@ def relay_app(app, make_app):
 
 
 def test_four_relays_publish_each_event_once_in_aggregate_order(relay_app):
-    """4 relays over 100 aggregates x 100 events, written while they run, with transient failures."""
+    """4 relays over 40 aggregates x 25 events, written while they run, with transient failures."""
     state = relay_app.extensions["outbox"]
     if state.locks_rows():
-        relay_count, writers, aggregates_count, per_aggregate = 4, 4, 100, 100
+        relay_count, writers, aggregates_count, per_aggregate = 4, 4, 40, 25
     else:  # SQLite: one relay and one writer, a smaller run
-        relay_count, writers, aggregates_count, per_aggregate = 1, 1, 20, 50
+        relay_count, writers, aggregates_count, per_aggregate = 1, 1, 20, 25
     recorder = Recorder(fail_once_every=17)
     relays = [state.relay(workers=1) for _ in range(relay_count)]
     threads = [threading.Thread(target=relay.run) for relay in relays]
@@ -53,7 +53,7 @@ def test_four_relays_publish_each_event_once_in_aggregate_order(relay_app):
             thread.start()
         try:
             aggregates = write_streams(relay_app, aggregates_count, per_aggregate, writers=writers, per_transaction=25)
-            wait_until(lambda: count_pending(relay_app) == 0, timeout=90, what="the backlog to drain")
+            wait_until(lambda: count_pending(relay_app) == 0, timeout=60, what="the backlog to drain")
         finally:
             for relay in relays:
                 relay.stop()

@@ -61,9 +61,13 @@ logger = logging.getLogger(__name__)
 PENDING = "pending"
 PROCESSED = "processed"
 FAILED = "failed"
-STATUSES = (PENDING, PROCESSED, FAILED)
+#: Set by `flask outbox skip`: a dead-lettered event the operator gave up on.
+SKIPPED_BY_OPERATOR = "skipped"
+STATUSES = (PENDING, PROCESSED, FAILED, SKIPPED_BY_OPERATOR)
 
-#: PostgreSQL channel a writing transaction notifies, waking relays at once.
+#: PostgreSQL channel that wakes relays in other processes. It is notified
+#: after commit, at most once per OUTBOX_NOTIFY_INTERVAL per process, by the
+#: relay side (common_utils/outbox/wakeup.py), never inside a writer's transaction.
 NOTIFY_CHANNEL = "outbox_events"
 #: W3C trace context headers (https://www.w3.org/TR/trace-context/).
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -293,9 +297,6 @@ def _write_events(session: Session, flush_context) -> None:
     connection = session.connection(bind_arguments={"mapper": OutboxEvent.__mapper__})
     if rows:
         connection.execute(OutboxEvent.__table__.insert(), rows)
-    if connection.dialect.name == "postgresql" and not session.info.get(WROTE_EVENTS):
-        # Delivered at commit, dropped on rollback: relays wake for committed events only.
-        connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
     session.info[WROTE_EVENTS] = connection.engine.url
 
 
@@ -317,7 +318,11 @@ _wakers_lock = threading.Lock()
 
 
 def register_waker(waker: Any) -> None:
-    """Let a relay in this process be woken by commits (`waker.wake(url)`)."""
+    """Be told of every commit that wrote events in this process (`waker.wake(url)`).
+
+    Relays in this process and the cross-process notifier register here;
+    the set is weak, so the caller keeps the waker alive.
+    """
     with _wakers_lock:
         _local_wakers.add(waker)
 
@@ -387,15 +392,34 @@ class OutboxEvent(db.Model):
 
     __tablename__ = "outbox_events"
     __table_args__ = (
-        # The relay's claim: pending events in position order.
-        Index(None, "status", "position"),
-        # The order guard: earlier pending events of the same keys.
-        Index(None, "status", "ordering_key", "position"),
+        # Two small indexes besides the keys. On PostgreSQL and SQLite they
+        # hold unfinished rows only (partial), so they stay as small as the
+        # backlog, and lease and retry updates touch no indexed column (HOT
+        # updates). MySQL/MariaDB have no partial index: there they are full
+        # indexes that lead with the status (and the key), which keeps the
+        # same lookups to short ranges.
+        # The claim: pending events in position order.
+        Index(
+            "ix_outbox_events_pending",
+            "status",
+            "position",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # Order per key: an earlier unfinished (pending or parked) event of the same key.
+        Index(
+            "ix_outbox_events_unfinished",
+            "ordering_key",
+            "status",
+            "position",
+            postgresql_where=text("status IN ('pending', 'failed')"),
+            sqlite_where=text("status IN ('pending', 'failed')"),
+        ),
     )
 
     position: Mapped[int] = mapped_column(Position, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(36), unique=True, default=lambda: str(uuid.uuid4()))
-    event_type: Mapped[str] = mapped_column(String(200), index=True)
+    event_type: Mapped[str] = mapped_column(String(200))
     aggregate_type: Mapped[str] = mapped_column(String(100))
     aggregate_id: Mapped[str] = mapped_column(String(100))
     ordering_key: Mapped[str] = mapped_column(String(255))
@@ -407,6 +431,10 @@ class OutboxEvent(db.Model):
     processed_at: Mapped[datetime | None] = mapped_column(UTCTimestamp)
     error: Mapped[str | None] = mapped_column(Text)
     retry_count: Mapped[int] = mapped_column(default=0)
+    # The lease of the relay batch that holds the event (database clock): while
+    # it runs, no other relay takes the event or a later one of its key.
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCTimestamp)
+    claimed_by: Mapped[str | None] = mapped_column(String(36))
 
     @classmethod
     def create_event(

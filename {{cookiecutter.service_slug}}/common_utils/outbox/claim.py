@@ -1,0 +1,381 @@
+"""The relay's SQL: claim a batch under a lease, mark the outcome, park, requeue, retain.
+
+Every statement here is one short transaction; none stays open while a
+batch is published:
+
+1. claim: take the due events no earlier event of their key holds back
+   and lease them (`claimed_until`, `claimed_by`), commit;
+2. publish (the transport, outside any transaction);
+3. mark: record each event's outcome, only on the rows this lease still
+   holds (a relay that outlived its lease marks nothing), commit.
+
+Times that decide scheduling (due, lease, retry, retention) are the
+database's clock (`db_now()`), never this process's: writers, relays and
+the database may disagree about the time.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    and_,
+    any_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+
+from common_utils.outbox.model import FAILED, PENDING, PROCESSED, SKIPPED_BY_OPERATOR, UTCTimestamp
+
+# Status literals are written into the SQL, not bound: PostgreSQL uses a
+# partial index only when it can prove the query's predicate implies the
+# index's, which a bound parameter of a generic (prepared) plan defeats.
+PENDING_SQL = literal_column(f"'{PENDING}'")
+FAILED_SQL = literal_column(f"'{FAILED}'")
+PROCESSED_SQL = literal_column(f"'{PROCESSED}'")
+SKIPPED_SQL = literal_column(f"'{SKIPPED_BY_OPERATOR}'")
+
+
+class db_now(FunctionElement):
+    """The database's current UTC time, in the format UTCTimestamp stores."""
+
+    type = UTCTimestamp()
+    inherit_cache = True
+
+
+class db_now_plus(FunctionElement):
+    """The database's current UTC time plus a number of seconds (a float, may be negative)."""
+
+    type = UTCTimestamp()
+    inherit_cache = True
+
+
+@compiles(db_now)
+def _now_default(element, compiler, **kw):
+    return "CURRENT_TIMESTAMP"
+
+
+@compiles(db_now, "postgresql")
+def _now_postgresql(element, compiler, **kw):
+    return "statement_timestamp()"
+
+
+@compiles(db_now, "mysql")
+@compiles(db_now, "mariadb")
+def _now_mysql(element, compiler, **kw):
+    return "UTC_TIMESTAMP(6)"
+
+
+@compiles(db_now, "sqlite")
+def _now_sqlite(element, compiler, **kw):
+    # Microseconds, as SQLAlchemy stores them on SQLite, so text comparisons hold.
+    return "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+
+
+@compiles(db_now_plus, "postgresql")
+def _plus_postgresql(element, compiler, **kw):
+    return f"(statement_timestamp() + make_interval(secs => {compiler.process(element.clauses, **kw)}))"
+
+
+@compiles(db_now_plus, "mysql")
+@compiles(db_now_plus, "mariadb")
+def _plus_mysql(element, compiler, **kw):
+    return f"DATE_ADD(UTC_TIMESTAMP(6), INTERVAL ROUND(({compiler.process(element.clauses, **kw)}) * 1000000) MICROSECOND)"
+
+
+@compiles(db_now_plus, "sqlite")
+def _plus_sqlite(element, compiler, **kw):
+    seconds = compiler.process(element.clauses, **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.3f seconds', {seconds}))"
+
+
+@dataclass
+class Claim:
+    """A leased batch: the rows to publish and the token that marks them."""
+
+    token: str
+    rows: list
+    #: Rows the statement returned before the order guard dropped some.
+    selected: int
+
+
+class OutboxStore:
+    """The relay's statements on one engine and one outbox table."""
+
+    def __init__(self, engine: Engine, table):
+        self.engine = engine
+        self.table = table
+        self.dialect = engine.dialect.name
+
+    @property
+    def locks_rows(self) -> bool:
+        return self.dialect in ("postgresql", "mysql", "mariadb")
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A short transaction; READ COMMITTED where relays lock rows (each statement sees the latest commits)."""
+        with self.engine.connect() as connection:
+            if self.locks_rows:
+                # MySQL's default REPEATABLE READ would show the order guard an old snapshot.
+                connection.execution_options(isolation_level="READ COMMITTED")
+            with connection.begin():
+                yield connection
+
+    def among(self, column, values):
+        """`column IN values`; on PostgreSQL as `= ANY(array)`, one parameter instead of hundreds."""
+        values = list(values)
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import ARRAY
+
+            return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
+        return column.in_(values)
+
+    # -- claim -------------------------------------------------------------
+
+    def claim(self, limit: int, lease_seconds: float) -> Claim:
+        """Lease up to `limit` due events that nothing earlier of their key holds back.
+
+        An event is held back by an earlier event of its key that is parked
+        (dead-lettered), waiting to retry, or leased by another batch. The
+        statement skips such keys instead of filling the batch with their
+        rows, so one blocked key never slows the others. Rows another relay
+        is claiming at this instant are skipped (SKIP LOCKED); the guard
+        afterwards drops any event whose earlier event of the key is
+        unfinished and not in this batch (a claim racing with ours).
+        """
+        t = self.table
+        now = db_now()
+        earlier = t.alias("earlier")
+        held_back = exists().where(
+            earlier.c.ordering_key == t.c.ordering_key,
+            earlier.c.status.in_([PENDING_SQL, FAILED_SQL]),
+            earlier.c.position < t.c.position,
+            or_(
+                earlier.c.status == FAILED_SQL,
+                and_(earlier.c.retry_count > 0, earlier.c.next_attempt_at > now),
+                earlier.c.claimed_until > now,
+            ),
+        )
+        statement = (
+            select(
+                t.c.position,
+                t.c.id,
+                t.c.event_type,
+                t.c.aggregate_type,
+                t.c.aggregate_id,
+                t.c.ordering_key,
+                t.c.payload,
+                t.c.headers,
+                t.c.created_at,
+                t.c.retry_count,
+            )
+            .where(
+                t.c.status == PENDING_SQL,
+                # Never attempted: due now, whatever clock the writer had.
+                or_(t.c.retry_count == 0, t.c.next_attempt_at <= now),
+                or_(t.c.claimed_until.is_(None), t.c.claimed_until <= now),
+                ~held_back,
+            )
+            .order_by(t.c.position)
+            .limit(limit)
+        )
+        if self.locks_rows:
+            statement = statement.with_for_update(skip_locked=True, of=t)
+        token = str(uuid.uuid4())
+        with self.begin() as connection:
+            rows = connection.execute(statement).all()
+            kept = self.keep_in_order(connection, rows) if rows else []
+            if kept:
+                connection.execute(
+                    update(t)
+                    .where(self.among(t.c.position, [row.position for row in kept]))
+                    .values(claimed_until=db_now_plus(bindparam("lease", lease_seconds)), claimed_by=token)
+                )
+        return Claim(token=token, rows=kept, selected=len(rows))
+
+    def keep_in_order(self, connection: Connection, rows: list) -> list:
+        """Drop events that an earlier unfinished event of the same key, outside the batch, must precede."""
+        t = self.table
+        positions = [row.position for row in rows]
+        blockers = dict(
+            connection.execute(
+                select(t.c.ordering_key, func.min(t.c.position))
+                .where(
+                    t.c.status.in_([PENDING_SQL, FAILED_SQL]),
+                    self.among(t.c.ordering_key, {row.ordering_key for row in rows}),
+                    t.c.position < max(positions),
+                    ~self.among(t.c.position, positions),
+                )
+                .group_by(t.c.ordering_key)
+            ).all()
+        )
+        if not blockers:
+            return rows
+        return [row for row in rows if row.position < blockers.get(row.ordering_key, row.position + 1)]
+
+    # -- mark --------------------------------------------------------------
+
+    def mark(self, claim: Claim, done: list, failures: list[dict], released: list) -> int:
+        """Record a batch's outcome on the rows its lease still holds; the number marked processed.
+
+        `failures` are dicts with the position `p`, new status `s`, attempt
+        count `r`, retry delay in seconds `d` and error text `e`.
+        """
+        t = self.table
+        held = t.c.claimed_by == claim.token
+        processed = 0
+        with self.begin() as connection:
+            if done:
+                processed = connection.execute(
+                    update(t)
+                    .where(self.among(t.c.position, [row.position for row in done]), held)
+                    .values(status=PROCESSED_SQL, processed_at=db_now(), error=None, claimed_until=None, claimed_by=None)
+                ).rowcount
+            if failures:
+                connection.execute(
+                    update(t)
+                    .where(t.c.position == bindparam("p"), held)
+                    .values(
+                        status=bindparam("s"),
+                        retry_count=bindparam("r"),
+                        next_attempt_at=db_now_plus(bindparam("d")),
+                        error=bindparam("e"),
+                        claimed_until=None,
+                        claimed_by=None,
+                    ),
+                    failures,
+                )
+            if released:
+                self.release_rows(connection, claim, released)
+        return processed
+
+    def release(self, claim: Claim, rows: list) -> None:
+        """Give rows back untouched (not attempted, or the broker was unreachable)."""
+        if rows:
+            with self.begin() as connection:
+                self.release_rows(connection, claim, rows)
+
+    def release_rows(self, connection: Connection, claim: Claim, rows: list) -> None:
+        t = self.table
+        connection.execute(
+            update(t)
+            .where(self.among(t.c.position, [row.position for row in rows]), t.c.claimed_by == claim.token)
+            .values(claimed_until=None, claimed_by=None)
+        )
+
+    # -- operator commands -------------------------------------------------
+
+    def requeue(self, event_ids: list[str] | None = None, event_type: str | None = None) -> int:
+        """Put dead-lettered events back, due now with a fresh retry budget, ahead of their key's later events."""
+        t = self.table
+        conditions = [t.c.status == FAILED_SQL]
+        if event_ids:
+            conditions.append(t.c.id.in_(event_ids))
+        if event_type:
+            conditions.append(t.c.event_type == event_type)
+        with self.begin() as connection:
+            return connection.execute(
+                update(t)
+                .where(and_(*conditions))
+                .values(status=PENDING_SQL, retry_count=0, next_attempt_at=db_now(), error=None)
+            ).rowcount
+
+    def skip(self, event_ids: list[str]) -> int:
+        """Give up on dead-lettered events: their keys' later events go on without them."""
+        t = self.table
+        with self.begin() as connection:
+            return connection.execute(
+                update(t)
+                .where(t.c.status == FAILED_SQL, t.c.id.in_(event_ids))
+                .values(status=SKIPPED_SQL, processed_at=db_now())
+            ).rowcount
+
+    # -- retention ---------------------------------------------------------
+
+    def delete_finished(self, retention_seconds: float, chunk: int, max_chunks: int) -> int:
+        """Delete processed and skipped events older than the retention, by primary-key ranges.
+
+        Each chunk is one `DELETE ... WHERE position >= lo AND position < hi`
+        (a range of the primary key, no sort, no id list) in its own
+        transaction. It stops at the first range that still holds a finished
+        event younger than the retention: positions grow with time, so what
+        lies beyond is younger still. Unfinished (pending, parked) events
+        are left where they are and do not stop it.
+        """
+        t = self.table
+        cutoff = db_now_plus(bindparam("age", -retention_seconds))
+        finished = t.c.status.in_([PROCESSED_SQL, SKIPPED_SQL])
+        deleted = 0
+        with self.engine.connect() as connection:
+            low = connection.scalar(select(func.min(t.c.position)))
+            top = connection.scalar(select(func.max(t.c.position)))
+        if low is None:
+            return 0
+        for _ in range(max_chunks):
+            high = low + chunk
+            in_range = and_(t.c.position >= low, t.c.position < high)
+            with self.begin() as connection:
+                deleted += connection.execute(delete(t).where(in_range, finished, t.c.processed_at < cutoff)).rowcount
+                younger = connection.scalar(select(t.c.position).where(in_range, finished).limit(1))
+                if younger is not None or high > top:
+                    break
+                low = connection.scalar(select(func.min(t.c.position)).where(t.c.position >= high))
+            if low is None:
+                break
+        return deleted
+
+    def delete_marks(self, marks, retention_seconds: float, chunk: int, max_chunks: int) -> int:
+        """Delete idempotent consumers' processed-message marks older than the retention, in chunks."""
+        cutoff = db_now_plus(bindparam("age", -retention_seconds))
+        deleted = 0
+        for _ in range(max_chunks):
+            with self.begin() as connection:
+                keys = connection.execute(
+                    select(marks.c.consumer, marks.c.message_id).where(marks.c.processed_at < cutoff).limit(chunk)
+                ).all()
+                for consumer in {key.consumer for key in keys}:
+                    ids = [key.message_id for key in keys if key.consumer == consumer]
+                    connection.execute(delete(marks).where(marks.c.consumer == consumer, marks.c.message_id.in_(ids)))
+            deleted += len(keys)
+            if len(keys) < chunk:
+                break
+        return deleted
+
+    # -- observation ---------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Pending and dead-lettered counts, and the age of the oldest pending event (database clock)."""
+        t = self.table
+        with self.engine.connect() as connection:
+            counts = dict(
+                connection.execute(
+                    select(t.c.status, func.count())
+                    .where(t.c.status.in_([PENDING_SQL, FAILED_SQL]))
+                    .group_by(t.c.status)
+                ).all()
+            )
+            now, oldest = connection.execute(
+                select(
+                    db_now(),
+                    select(t.c.created_at)
+                    .where(t.c.status == PENDING_SQL)
+                    .order_by(t.c.position)
+                    .limit(1)
+                    .scalar_subquery(),
+                )
+            ).one()
+        lag = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+        return {"pending": counts.get(PENDING, 0), "failed": counts.get(FAILED, 0), "lag_seconds": round(lag, 3)}
+
