@@ -471,6 +471,25 @@ def test_a_message_over_the_brokers_max_size_is_that_events_failure(transport, q
     assert {properties.message_id for _, properties, _ in queue.drain(at_least=2)} == {rows[0].id, rows[2].id}
 
 
+def test_a_suspect_event_is_published_alone_even_with_several_relay_workers(transport, queue):
+    """While a suspect (in flight at a channel error) is retried, another worker's batch waits its turn.
+
+    Otherwise each channel error would find several events in flight and
+    never the one at fault (the relay runs OUTBOX_RELAY_WORKERS batches at once).
+    """
+    publisher = transport(confirm_timeout=1.0)
+    hold_back_confirms(publisher, per_channel=0)  # the suspect stays in flight until the timeout
+    suspect, other = event_row("agg-a", 0), event_row("agg-b", 0)
+    publisher._suspects[suspect.id] = None  # as after a channel error with it in flight
+    isolating = threading.Thread(target=publisher.publish, args=([suspect],))
+    isolating.start()
+    wait_until(lambda: queue.count() == 1, timeout=10, what="the suspect to reach the broker")
+    [result] = publisher.publish([other])
+    isolating.join()
+    assert result is SKIPPED or isinstance(result, TransportUnavailable)
+    assert [properties.message_id for _, properties, _ in queue.drain()] == [suspect.id]
+
+
 def test_after_an_event_fails_its_keys_later_events_in_the_batch_are_not_published(transport, amqp_url, exchange):
     """A returned event holds back the later events of its key (SKIPPED); other keys go on."""
     bound = BoundQueue(amqp_url, exchange, binding="bound.#")

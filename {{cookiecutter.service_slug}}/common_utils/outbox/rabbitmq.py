@@ -156,8 +156,12 @@ class RabbitMQTransport:
         self._returned: dict[int, str] = {}
         self._active: set[_Batch] = set()
         # Events in flight when the broker closed the channel over a message:
-        # published one at a time until the one at fault is found.
+        # published one at a time, and nothing else meanwhile, until the one at
+        # fault is found (with several relay workers sharing this transport).
         self._suspects: OrderedDict[str, None] = OrderedDict()
+        self._gate = threading.Condition()
+        self._publishing = 0
+        self._isolating = False
         # Batches handed to the I/O loop that it has not started publishing yet.
         self._queued: set[_Batch] = set()
         self._queued_lock = threading.Lock()
@@ -170,7 +174,33 @@ class RabbitMQTransport:
         self._ensure_started()
         if not self._ready.wait(self.connect_wait):
             raise TransportUnavailable(f"RabbitMQ not connected: {self.last_error or 'connecting'}")
-        batch = _Batch(rows, one_at_a_time=any(row.id in self._suspects for row in rows))
+        isolating = any(row.id in self._suspects for row in rows)
+        if not self._enter(isolating):
+            return [SKIPPED] * len(rows)  # another relay worker is isolating a suspect: next time
+        try:
+            return self._publish_batch(_Batch(rows, one_at_a_time=isolating))
+        finally:
+            self._leave(isolating)
+
+    def _enter(self, isolating: bool) -> bool:
+        """A batch with a suspect is published alone; the others share the channel."""
+        with self._gate:
+            if isolating:
+                entered = self._gate.wait_for(lambda: not self._isolating and not self._publishing, self.confirm_timeout)
+                self._isolating = entered
+            else:
+                entered = self._gate.wait_for(lambda: not self._isolating, self.confirm_timeout)
+            self._publishing += entered
+            return entered
+
+    def _leave(self, isolating: bool) -> None:
+        with self._gate:
+            self._publishing -= 1
+            if isolating:
+                self._isolating = False
+            self._gate.notify_all()
+
+    def _publish_batch(self, batch: _Batch) -> list:
         with self._queued_lock:
             self._queued.add(batch)
         connection = self._connection
