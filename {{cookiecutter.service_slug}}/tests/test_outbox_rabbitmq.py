@@ -507,7 +507,7 @@ def test_after_an_event_fails_its_keys_later_events_in_the_batch_are_not_publish
 
 
 def test_relay_processes_under_returns_and_nacks_lose_nothing_and_keep_each_keys_order(make_app, amqp_url, exchange, database_url):
-    """Three `flask outbox relay` processes: first no queue is bound (returns), then one that holds 40 (nacks)."""
+    """Two `flask outbox relay` processes (two workers each): first no queue is bound (returns), then one that holds 40 (nacks)."""
     writer = make_app()
     aggregates = write_streams(writer, 20, 15, per_transaction=20)
     env = subprocess_env(
@@ -522,7 +522,7 @@ def test_relay_processes_under_returns_and_nacks_lose_nothing_and_keep_each_keys
         OUTBOX_MIN_POLL_INTERVAL="0.01",
         OUTBOX_PROCESSING_INTERVAL="0.05",
     )
-    relays = [subprocess.Popen([PYTHON, "-m", "flask", "outbox", "relay"], cwd=PROJECT, env=env) for _ in range(3)]
+    relays = [subprocess.Popen([PYTHON, "-m", "flask", "outbox", "relay"], cwd=PROJECT, env=env) for _ in range(2)]
     bounded = None
     delivered: list[tuple[str, int, str]] = []
     try:
@@ -537,12 +537,8 @@ def test_relay_processes_under_returns_and_nacks_lose_nothing_and_keep_each_keys
         wait_until(everything_arrived, timeout=60, what="every event to arrive")
     finally:
         for relay in relays:
-            relay.terminate()
-        for relay in relays:
-            try:
-                relay.wait(10)
-            except subprocess.TimeoutExpired:
-                relay.kill()
+            relay.kill()  # what arrived is recorded; a graceful stop would only cost time
+            relay.wait(10)
         if bounded is not None:
             bounded.close()
     first_deliveries_in_order(delivered, aggregates, 15)
