@@ -441,7 +441,7 @@ def test_a_header_the_client_cannot_encode_is_that_events_failure(rabbit_app, qu
         db.session.commit()
         bad_id, good_id = bad.id, good.id
         assert processor.process_pending_events() == 1
-        db.session.expire_all()
+        db.session.rollback()  # a fresh snapshot (MySQL reads repeatably within a transaction)
         events = {event.id: event for event in db.session.scalars(db.select(OutboxEvent))}
     assert events[good_id].status == PROCESSED
     assert (events[bad_id].status, events[bad_id].retry_count) == (FAILED, 1)
@@ -506,7 +506,7 @@ def test_after_an_event_fails_its_keys_later_events_in_the_batch_are_not_publish
         bound.close()
 
 
-def test_relay_processes_under_returns_and_nacks_lose_nothing_and_keep_each_keys_order(make_app, amqp_url, exchange, database_url):
+def test_relay_processes_under_returns_and_nacks_lose_nothing_and_keep_each_keys_order(app, make_app, amqp_url, exchange, database_url):
     """Two `flask outbox relay` processes (two workers each): first no queue is bound (returns), then one that holds 40 (nacks)."""
     writer = make_app()
     aggregates = write_streams(writer, 20, 15, per_transaction=20)
