@@ -162,6 +162,7 @@ class RabbitMQTransport:
         self._gate = threading.Condition()
         self._publishing = 0
         self._isolating = False
+        self._isolators_waiting = 0
         # Batches handed to the I/O loop that it has not started publishing yet.
         self._queued: set[_Batch] = set()
         self._queued_lock = threading.Lock()
@@ -186,11 +187,17 @@ class RabbitMQTransport:
         """A batch with a suspect is published alone; the others share the channel."""
         with self._gate:
             if isolating:
-                entered = self._gate.wait_for(lambda: not self._isolating and not self._publishing, self.confirm_timeout)
+                self._isolators_waiting += 1  # new batches wait, so the ones in flight drain
+                try:
+                    entered = self._gate.wait_for(lambda: not self._isolating and not self._publishing, self.confirm_timeout)
+                finally:
+                    self._isolators_waiting -= 1
+                    self._gate.notify_all()  # after a give-up the others go on
                 self._isolating = entered
             else:
-                entered = self._gate.wait_for(lambda: not self._isolating, self.confirm_timeout)
-            self._publishing += entered
+                entered = self._gate.wait_for(lambda: not (self._isolating or self._isolators_waiting), self.confirm_timeout)
+            if entered:
+                self._publishing += 1
             return entered
 
     def _leave(self, isolating: bool) -> None:
