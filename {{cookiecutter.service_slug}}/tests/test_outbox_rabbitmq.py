@@ -75,11 +75,11 @@ class BoundQueue:
     def count(self) -> int:
         return self.channel.queue_declare(self.name, passive=True).method.message_count
 
-    def drain(self, at_least: int = 0, timeout: float = 20.0) -> list[tuple]:
-        """Every message now in the queue (waiting for `at_least` of them), as (method, properties, body)."""
+    def drain(self, at_least: int = 0, timeout: float = 20.0, limit: int | None = None) -> list[tuple]:
+        """Every message now in the queue (waiting for `at_least` of them; at most `limit`), as (method, properties, body)."""
         messages = []
         deadline = time.monotonic() + timeout
-        while True:
+        while limit is None or len(messages) < limit:
             method, properties, body = self.channel.basic_get(self.name, auto_ack=True)
             if method is not None:
                 messages.append((method, properties, body))
@@ -87,6 +87,7 @@ class BoundQueue:
             if len(messages) >= at_least or time.monotonic() > deadline:
                 return messages
             self.connection.sleep(0.05)
+        return messages
 
     def close(self) -> None:
         with contextlib.suppress(pika.exceptions.AMQPError):
@@ -506,8 +507,14 @@ def test_after_an_event_fails_its_keys_later_events_in_the_batch_are_not_publish
         bound.close()
 
 
-def test_relay_processes_under_returns_and_nacks_lose_nothing_and_keep_each_keys_order(app, make_app, amqp_url, exchange, database_url):
-    """Two `flask outbox relay` processes (two workers each): first no queue is bound (returns), then one that holds 40 (nacks)."""
+def test_relay_processes_under_returns_nacks_and_a_kill_lose_nothing_and_keep_each_keys_order(app, make_app, amqp_url, exchange, database_url):
+    """Two `flask outbox relay` processes (two workers each) against a hostile broker.
+
+    First no queue is bound (returns), then one that holds 40 messages and
+    nacks the rest (reject-publish); one relay is killed with SIGKILL while
+    the stream is under way and replaced. Every event arrives, and each
+    aggregate's events first arrive in commit order.
+    """
     writer = make_app()
     aggregates = write_streams(writer, 20, 15, per_transaction=20)
     env = subprocess_env(
@@ -521,20 +528,33 @@ def test_relay_processes_under_returns_and_nacks_lose_nothing_and_keep_each_keys
         OUTBOX_BACKOFF_MAX="0.1",
         OUTBOX_MIN_POLL_INTERVAL="0.01",
         OUTBOX_PROCESSING_INTERVAL="0.05",
+        OUTBOX_PUBLISH_TIMEOUT="1",
+        OUTBOX_LEASE_SECONDS="4",  # how long the killed relay's batch waits
     )
-    relays = [subprocess.Popen([PYTHON, "-m", "flask", "outbox", "relay"], cwd=PROJECT, env=env) for _ in range(2)]
+
+    def start_relay() -> subprocess.Popen:
+        return subprocess.Popen([PYTHON, "-m", "flask", "outbox", "relay"], cwd=PROJECT, env=env)
+
+    relays = [start_relay(), start_relay()]
     bounded = None
     delivered: list[tuple[str, int, str]] = []
+
+    def arrived(count: int) -> bool:
+        """Take up to `count` distinct events off the queue (no more: the rest stays in flight)."""
+        unique = len({message_id for _, _, message_id in delivered})
+        delivered.extend(deliveries(bounded.drain(limit=max(1, count - unique))))
+        return len({message_id for _, _, message_id in delivered}) >= count
+
     try:
         wait_until(lambda: failed_attempts(writer, "PublishReturned"), timeout=60, what="the broker to return events")
         bounded = BoundQueue(amqp_url, exchange, arguments={"x-max-length": 40, "x-overflow": "reject-publish"})
         wait_until(lambda: failed_attempts(writer, "PublishNacked"), timeout=60, what="the broker to nack events")
-
-        def everything_arrived() -> bool:
-            delivered.extend(deliveries(bounded.drain()))
-            return len({message_id for _, _, message_id in delivered}) == 300
-
-        wait_until(everything_arrived, timeout=60, what="every event to arrive")
+        wait_until(lambda: arrived(100), timeout=60, what="100 events to arrive")
+        assert relays[0].poll() is None, "the relay exited by itself"
+        relays[0].kill()
+        assert len(delivered) + bounded.count() < 300  # at most 100 taken and 40 queued: mid-stream
+        relays.append(start_relay())
+        wait_until(lambda: arrived(300), timeout=60, what="every event to arrive")
     finally:
         for relay in relays:
             relay.kill()  # what arrived is recorded; a graceful stop would only cost time
