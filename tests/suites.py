@@ -48,6 +48,7 @@ MYSQL_ADMIN_URL = os.environ.get("TEST_MYSQL_ADMIN_URL", "mysql://root@127.0.0.1
 SERVICE_URLS = {
     "TEST_AMQP_URL": os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
     "TEST_REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    "TEST_RABBITMQCTL": os.environ.get("TEST_RABBITMQCTL", "rabbitmqctl"),
 }
 SUITE_TIMEOUT = 900
 #: Concurrent generated suites; the in-process matrix runs beside them. A suite

@@ -48,6 +48,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 SERVICE_URLS = {
     "TEST_AMQP_URL": os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
     "TEST_REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    "TEST_RABBITMQCTL": os.environ.get("TEST_RABBITMQCTL", "rabbitmqctl"),
 }
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "Team",

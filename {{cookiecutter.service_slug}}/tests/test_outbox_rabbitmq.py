@@ -10,24 +10,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
-import signal
+import re
+import shlex
 import socket
 import subprocess
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
+from datetime import UTC, datetime
+from types import SimpleNamespace
 from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pytest
+from sqlalchemy import func, select
 
 from app.events import processor
 from app.extensions import db
-from common_utils.outbox import PENDING, PROCESSED, OutboxEvent
-from common_utils.outbox.consumer import idempotent_consumer
-from common_utils.outbox.transport import TransportUnavailable
+from common_utils.outbox import FAILED, PENDING, PROCESSED, OutboxEvent
+from common_utils.outbox.rabbitmq import (
+    PublishNacked,
+    PublishRejected,
+    PublishReturned,
+    RabbitMQTransport,
+)
+from common_utils.outbox.transport import SKIPPED, TransportUnavailable
 from tests.conftest import skip_or_fail
 from tests.outbox_support import (
     PROJECT,
@@ -50,24 +58,28 @@ def amqp_url() -> str:
 
 
 class BoundQueue:
-    """A queue bound to everything on the test's exchange, read with basic_get."""
+    """A queue bound to the test's exchange (everything, unless told), read with basic_get.
 
-    def __init__(self, url: str, exchange: str):
+    `arguments` are the queue's x-arguments: a max length with overflow
+    reject-publish makes the broker nack what does not fit.
+    """
+
+    def __init__(self, url: str, exchange: str, binding: str = "#", arguments: dict | None = None):
         self.exchange = exchange
         self.connection = pika.BlockingConnection(pika.URLParameters(url))
         self.channel = self.connection.channel()
         self.channel.exchange_declare(exchange, "topic", durable=True)
-        self.name = self.channel.queue_declare("", exclusive=True).method.queue
-        self.channel.queue_bind(self.name, exchange, "#")
+        self.name = self.channel.queue_declare("", exclusive=True, arguments=arguments).method.queue
+        self.channel.queue_bind(self.name, exchange, binding)
 
     def count(self) -> int:
         return self.channel.queue_declare(self.name, passive=True).method.message_count
 
-    def drain(self, at_least: int = 0, timeout: float = 20.0) -> list[tuple]:
-        """Every message now in the queue (waiting for `at_least` of them), as (method, properties, body)."""
+    def drain(self, at_least: int = 0, timeout: float = 20.0, limit: int | None = None) -> list[tuple]:
+        """Every message now in the queue (waiting for `at_least` of them; at most `limit`), as (method, properties, body)."""
         messages = []
         deadline = time.monotonic() + timeout
-        while True:
+        while limit is None or len(messages) < limit:
             method, properties, body = self.channel.basic_get(self.name, auto_ack=True)
             if method is not None:
                 messages.append((method, properties, body))
@@ -75,16 +87,22 @@ class BoundQueue:
             if len(messages) >= at_least or time.monotonic() > deadline:
                 return messages
             self.connection.sleep(0.05)
+        return messages
 
     def close(self) -> None:
         with contextlib.suppress(pika.exceptions.AMQPError):
-            self.channel.exchange_delete(self.exchange)
             self.connection.close()
 
 
 @pytest.fixture
-def exchange() -> str:
-    return f"outbox-test-{uuid.uuid4().hex[:12]}"
+def exchange(amqp_url):
+    """The test's own exchange, deleted afterwards."""
+    name = f"outbox-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    with contextlib.suppress(pika.exceptions.AMQPError):
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        connection.channel().exchange_delete(name)
+        connection.close()
 
 
 @pytest.fixture
@@ -92,6 +110,91 @@ def queue(amqp_url, exchange):
     bound = BoundQueue(amqp_url, exchange)
     yield bound
     bound.close()
+
+
+@pytest.fixture
+def transport(amqp_url, exchange):
+    """Build RabbitMQ transports on the test's exchange, used without a relay; closed after."""
+    built = []
+
+    def build(**options) -> RabbitMQTransport:
+        built.append(RabbitMQTransport(amqp_url, exchange=exchange, app_id="outbox-test", **{"confirm_timeout": 10.0, **options}))
+        return built[-1]
+
+    yield build
+    for made in built:
+        made.close()
+
+
+def event_row(aggregate_id: str, seq: int, *, event_type: str = "test.happened", payload: str | None = None, headers: dict | None = None):
+    """An outbox row as the relay hands it to a transport."""
+    return SimpleNamespace(
+        position=seq,
+        id=str(uuid.uuid4()),
+        event_type=event_type,
+        aggregate_type="test",
+        aggregate_id=aggregate_id,
+        ordering_key=f"test:{aggregate_id}",
+        payload=payload if payload is not None else json.dumps({"seq": seq, "aggregate": aggregate_id}),
+        headers=json.dumps(headers) if headers else None,
+        created_at=datetime.now(UTC),
+        retry_count=0,
+    )
+
+
+def publish_until_settled(publisher: RabbitMQTransport, rows: list, rounds: int) -> dict:
+    """Publish as the relay does: rows left unsettled (unavailable, skipped) go again, up to `rounds` times."""
+    outcomes: dict = {}
+    for _ in range(rounds):
+        waiting = [row for row in rows if row.id not in outcomes]
+        if not waiting:
+            break
+        for row, result in zip(waiting, publisher.publish(waiting), strict=True):
+            if result is not SKIPPED and not isinstance(result, TransportUnavailable):
+                outcomes[row.id] = result
+    return outcomes
+
+
+def hold_back_confirms(publisher: RabbitMQTransport, per_channel: int) -> None:
+    """Let through the broker's confirms of each channel's first `per_channel` messages only: slow confirms."""
+    on_confirm = publisher._on_confirm
+
+    def slow(frame) -> None:
+        method = frame.method
+        if method.delivery_tag > per_channel:
+            if not method.multiple:
+                return
+            frame = pika.frame.Method(frame.channel_number, type(method)(delivery_tag=per_channel, multiple=True))
+        on_confirm(frame)
+
+    publisher._on_confirm = slow  # before the first publish: the channel is opened with it
+
+
+def rabbitmqctl(*arguments: str) -> str:
+    """Run rabbitmqctl (TEST_RABBITMQCTL, e.g. `docker exec <container> rabbitmqctl` in CI)."""
+    command = [*shlex.split(os.environ.get("TEST_RABBITMQCTL", "rabbitmqctl")), *arguments]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        skip_or_fail(f"{shlex.join(command)} failed (set TEST_RABBITMQCTL): {error}")
+
+
+def broker_max_message_size() -> int:
+    output = rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).")
+    match = re.search(r"\{ok,\s*(\d+)\}", output)
+    if not match:
+        skip_or_fail(f"cannot read the broker's max_message_size from {output!r}")
+    return int(match.group(1))
+
+
+def failed_attempts(app, error: str) -> int:
+    """Pending events whose last attempt failed with `error` in its message."""
+    with app.app_context():
+        return db.session.scalar(
+            select(func.count())
+            .select_from(OutboxEvent)
+            .where(OutboxEvent.status == PENDING, OutboxEvent.error.contains(error))
+        )
 
 
 @pytest.fixture
@@ -294,65 +397,171 @@ def test_relays_publish_each_event_once_in_aggregate_order(rabbit_app, queue, ap
     publishing = rabbit_app(OUTBOX_BATCH_SIZE=100)
     stop = run_relays(publishing, relays)
     try:
-        aggregates = write_streams(publishing, 50, 40, writers=2, per_transaction=25)
+        aggregates = write_streams(publishing, 40, 15, writers=2, per_transaction=20)
         wait_until(lambda: count_pending(publishing) == 0, timeout=60, what="the backlog to drain")
     finally:
         stop()
-    delivered = deliveries(queue.drain(at_least=2000))
-    assert len(delivered) == 2000
-    assert len({message_id for _, _, message_id in delivered}) == 2000
-    first_deliveries_in_order(delivered, aggregates, 40)
+    delivered = deliveries(queue.drain(at_least=600))
+    assert len(delivered) == 600
+    assert len({message_id for _, _, message_id in delivered}) == 600
+    first_deliveries_in_order(delivered, aggregates, 15)
 
 
-def test_the_relay_command_killed_at_random_moments_loses_nothing(app, make_app, queue, amqp_url, exchange, database_url):
-    """SIGKILL `flask outbox relay` mid-run several times: nothing lost, duplicates deduplicated."""
+def test_an_event_no_queue_is_bound_for_is_not_marked_processed(rabbit_app, collection_url, new_item):
+    """Published mandatory: the broker returns an unroutable event, which counts as a failed attempt."""
+    published = rabbit_app()  # its exchange has no queue bound
+    assert published.test_client().post(collection_url, json=new_item).status_code == 201
+    with published.app_context():
+        assert processor.process_pending_events() == 0
+        event = db.session.scalars(db.select(OutboxEvent)).one()
+    assert (event.status, event.retry_count) == (PENDING, 1)
+    assert "PublishReturned: no queue is bound for routing key" in event.error
+
+
+def test_a_confirm_timeout_keeps_the_confirms_received_before_it(transport, queue):
+    """Slow confirms: what was confirmed before the timeout stays done; only the rest is published again."""
+    publisher = transport(confirm_timeout=1.0)
+    hold_back_confirms(publisher, per_channel=250)
+    rows = [event_row(f"agg-{index:04d}", 0) for index in range(500)]
+    results = publisher.publish(rows)
+    assert results[:250] == [None] * 250
+    assert all(isinstance(result, TransportUnavailable) for result in results[250:])
+    outcomes = publish_until_settled(publisher, rows[250:], rounds=3)  # a new channel: 250 confirms again
+    assert list(outcomes.values()) == [None] * 250
+    messages = queue.drain(at_least=750)
+    assert len({properties.message_id for _, properties, _ in messages}) == 500
+    assert len(messages) == 750  # each event once, plus once more the 250 left unconfirmed
+
+
+def test_a_header_the_client_cannot_encode_is_that_events_failure(rabbit_app, queue):
+    """A header key over 255 bytes: the event fails (here dead-lettered at once), the others are published."""
+    published = rabbit_app(OUTBOX_MAX_RETRY=1)
+    with published.app_context():
+        bad = OutboxEvent.create_event(db.session, "test.happened", "test", "agg-bad", {"seq": 0}, headers={"k" * 300: "v"})
+        good = OutboxEvent.create_event(db.session, "test.happened", "test", "agg-good", {"seq": 0})
+        db.session.commit()
+        bad_id, good_id = bad.id, good.id
+        assert processor.process_pending_events() == 1
+        db.session.rollback()  # a fresh snapshot (MySQL reads repeatably within a transaction)
+        events = {event.id: event for event in db.session.scalars(db.select(OutboxEvent))}
+    assert events[good_id].status == PROCESSED
+    assert (events[bad_id].status, events[bad_id].retry_count) == (FAILED, 1)
+    assert "ShortStringTooLong" in events[bad_id].error
+    assert [properties.message_id for _, properties, _ in queue.drain(at_least=1)] == [good_id]
+
+
+def test_a_nacked_event_is_that_events_failure(transport, amqp_url, exchange):
+    """A queue that is full (max-length, overflow reject-publish) nacks: a failed attempt, not an outage."""
+    full = BoundQueue(amqp_url, exchange, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    try:
+        results = transport().publish([event_row("agg-a", 0), event_row("agg-b", 0), event_row("agg-c", 0)])
+    finally:
+        full.close()
+    assert results[0] is None
+    assert all(isinstance(result, PublishNacked) for result in results[1:])
+
+
+def test_a_message_over_the_brokers_max_size_is_that_events_failure(transport, queue):
+    """The broker closes the channel over one message: that event fails, the rest of the batch goes through."""
+    too_big = "x" * (broker_max_message_size() + 1)
+    rows = [event_row("agg-a", 0), event_row("agg-b", 0, payload=too_big), event_row("agg-c", 0)]
+    outcomes = publish_until_settled(transport(), rows, rounds=4)
+    assert outcomes[rows[0].id] is None
+    assert isinstance(outcomes[rows[1].id], PublishRejected)
+    assert outcomes[rows[2].id] is None
+    assert {properties.message_id for _, properties, _ in queue.drain(at_least=2)} == {rows[0].id, rows[2].id}
+
+
+def test_a_suspect_event_is_published_alone_even_with_several_relay_workers(transport, queue):
+    """While a suspect (in flight at a channel error) is retried, another worker's batch waits its turn.
+
+    Otherwise each channel error would find several events in flight and
+    never the one at fault (the relay runs OUTBOX_RELAY_WORKERS batches at once).
+    """
+    publisher = transport(confirm_timeout=1.0)
+    hold_back_confirms(publisher, per_channel=0)  # the suspect stays in flight until the timeout
+    suspect, other = event_row("agg-a", 0), event_row("agg-b", 0)
+    publisher._suspects[suspect.id] = None  # as after a channel error with it in flight
+    isolating = threading.Thread(target=publisher.publish, args=([suspect],))
+    isolating.start()
+    wait_until(lambda: queue.count() == 1, timeout=10, what="the suspect to reach the broker")
+    [result] = publisher.publish([other])
+    isolating.join()
+    assert result is SKIPPED or isinstance(result, TransportUnavailable)
+    assert [properties.message_id for _, properties, _ in queue.drain()] == [suspect.id]
+
+
+def test_after_an_event_fails_its_keys_later_events_in_the_batch_are_not_published(transport, amqp_url, exchange):
+    """A returned event holds back the later events of its key (SKIPPED); other keys go on."""
+    bound = BoundQueue(amqp_url, exchange, binding="bound.#")
+    try:
+        first = event_row("agg-a", 0, event_type="unbound.created")
+        second = event_row("agg-a", 1, event_type="bound.updated")
+        other = event_row("agg-b", 0, event_type="bound.updated")
+        results = transport().publish([first, second, other])
+        assert isinstance(results[0], PublishReturned)
+        assert results[1] is SKIPPED
+        assert results[2] is None
+        assert [properties.message_id for _, properties, _ in bound.drain(at_least=1)] == [other.id]
+    finally:
+        bound.close()
+
+
+def test_relay_processes_under_returns_nacks_and_a_kill_lose_nothing_and_keep_each_keys_order(app, make_app, amqp_url, exchange, database_url):
+    """Two `flask outbox relay` processes (two workers each) against a hostile broker.
+
+    First no queue is bound (returns), then one that holds 40 messages and
+    nacks the rest (reject-publish); one relay is killed with SIGKILL while
+    the stream is under way and replaced. Every event arrives, and each
+    aggregate's events first arrive in commit order.
+    """
     writer = make_app()
-    write_streams(writer, 40, 100, per_transaction=40)
+    aggregates = write_streams(writer, 20, 15, per_transaction=20)
     env = subprocess_env(
         database_url,
         OUTBOX_TRANSPORT="rabbitmq",
         AMQP_URL=amqp_url,
         OUTBOX_EXCHANGE=exchange,
-        OUTBOX_BATCH_SIZE="100",
+        OUTBOX_BATCH_SIZE="50",
+        OUTBOX_MAX_RETRY="1000",
+        OUTBOX_BACKOFF_BASE="0.02",
+        OUTBOX_BACKOFF_MAX="0.1",
+        OUTBOX_MIN_POLL_INTERVAL="0.01",
+        OUTBOX_PROCESSING_INTERVAL="0.05",
+        OUTBOX_PUBLISH_TIMEOUT="1",
+        OUTBOX_LEASE_SECONDS="4",  # how long the killed relay's batch waits
     )
-    rng = random.Random(99)  # noqa: S311 - reproducible kill times, not secrets
-    kills = []
-    for _ in range(4):
-        process = subprocess.Popen([PYTHON, "-m", "flask", "outbox", "relay"], cwd=PROJECT, env=env)
-        before = queue.count()
-        wait_until(
-            lambda before=before, process=process: queue.count() > before or process.poll() is not None,
-            timeout=30,
-            what="the relay to publish",
-        )
-        time.sleep(rng.uniform(0.0, 0.15))
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-        kills.append(queue.count())
-    final = subprocess.run([PYTHON, "-m", "flask", "outbox", "relay", "--once"], cwd=PROJECT, env=env, timeout=120, check=False)
-    assert final.returncode == 0
-    assert count_pending(writer) == 0
-    messages = queue.drain(at_least=4000)
-    counts = Counter(properties.message_id for _, properties, _ in messages)
-    duplicated = sum(count - 1 for count in counts.values())
-    assert len(counts) == 4000, "an event was lost"
-    assert duplicated <= 4 * 100  # only the batch in flight at each kill
-    print(f"\nrabbitmq crash test: kills at {kills} messages; 4000 events, 0 lost, {duplicated} duplicated")
 
-    runs = Counter()
+    def start_relay() -> subprocess.Popen:
+        return subprocess.Popen([PYTHON, "-m", "flask", "outbox", "relay"], cwd=PROJECT, env=env)
 
-    @idempotent_consumer("rabbitmq-crash-test")
-    def consume(channel, method, properties, body):
-        runs[properties.message_id] += 1
+    relays = [start_relay(), start_relay()]
+    bounded = None
+    delivered: list[tuple[str, int, str]] = []
 
-    duplicated_ids = {message_id for message_id, count in counts.items() if count > 1}
-    with writer.app_context():
-        for method, properties, body in messages:
-            if properties.message_id in duplicated_ids:
-                consume(None, method, properties, body)
-        db.session.remove()
-    assert set(runs) == duplicated_ids
-    assert set(runs.values()) <= {1}
+    def arrived(count: int) -> bool:
+        """Take up to `count` distinct events off the queue (no more: the rest stays in flight)."""
+        unique = len({message_id for _, _, message_id in delivered})
+        delivered.extend(deliveries(bounded.drain(limit=max(1, count - unique))))
+        return len({message_id for _, _, message_id in delivered}) >= count
+
+    try:
+        wait_until(lambda: failed_attempts(writer, "PublishReturned"), timeout=60, what="the broker to return events")
+        bounded = BoundQueue(amqp_url, exchange, arguments={"x-max-length": 40, "x-overflow": "reject-publish"})
+        wait_until(lambda: failed_attempts(writer, "PublishNacked"), timeout=60, what="the broker to nack events")
+        wait_until(lambda: arrived(100), timeout=60, what="100 events to arrive")
+        assert relays[0].poll() is None, "the relay exited by itself"
+        relays[0].kill()
+        assert len(delivered) + bounded.count() < 300  # at most 100 taken and 40 queued: mid-stream
+        relays.append(start_relay())
+        wait_until(lambda: arrived(300), timeout=60, what="every event to arrive")
+    finally:
+        for relay in relays:
+            relay.kill()  # what arrived is recorded; a graceful stop would only cost time
+            relay.wait(10)
+        if bounded is not None:
+            bounded.close()
+    first_deliveries_in_order(delivered, aggregates, 15)
 
 
 {%- if cookiecutter.use_tracing %}
