@@ -13,6 +13,9 @@ Every call made through a ServiceClient
   times, and only when that cannot do harm: an idempotent method (GET, HEAD,
   OPTIONS, PUT, DELETE) that failed to connect, timed out or got a 502, 503 or
   504. A POST or PATCH is sent once;
+- carries no state from one call to the next: the shared connection pool
+  keeps no cookies (a downstream's Set-Cookie for one end user must never go
+  out with a call made for another);
 - carries the X-Request-ID of the request being served and, when OpenTelemetry
   is installed, the trace context (traceparent), so logs and traces join up;
 - fails with a DownstreamError subclass naming the service, which a view may
@@ -21,6 +24,7 @@ Every call made through a ServiceClient
 
 from __future__ import annotations
 
+import http.cookiejar
 import logging
 import random
 import threading
@@ -123,6 +127,16 @@ class ClientSettings:
         return settings
 
 
+class RefuseAllCookies(http.cookiejar.DefaultCookiePolicy):
+    """No cookie is stored or sent: one session serves every end user of this service."""
+
+    def set_ok(self, cookie, request) -> bool:
+        return False
+
+    def return_ok(self, cookie, request) -> bool:
+        return False
+
+
 class ServiceClient:
     """Calls one downstream service by name (see the module docstring for the rules)."""
 
@@ -143,6 +157,7 @@ class ServiceClient:
         self._resolve = resolve
         self._app = app
         self.session = requests.Session()
+        self.session.cookies.set_policy(RefuseAllCookies())
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("GET", path, **kwargs)

@@ -29,12 +29,13 @@ FAST = ClientSettings(connect_timeout=0.5, read_timeout=0.3, retries=2, backoff=
 
 class Downstream:
     """A local stand-in for another service. Set `statuses` (answered in turn, the last
-    one repeating) or `hang` (seconds to wait before answering); `requests` records
-    every request received as (method, path, headers)."""
+    one repeating), `hang` (seconds to wait before answering) or `headers` (sent with
+    every answer); `requests` records every request received as (method, path, headers)."""
 
     def __init__(self):
         self.statuses = [200]
         self.hang = 0.0
+        self.headers: dict[str, str] = {}
         self.requests: list[tuple[str, str, dict]] = []
         self.stopping = threading.Event()
         owner = self
@@ -51,6 +52,8 @@ class Downstream:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in owner.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -281,6 +284,24 @@ def test_request_id_goes_with_the_call(make_app, downstream):
         g.request_id = "req-123"
         client.get("/items")
     assert downstream.requests[0][2]["X-Request-ID"] == "req-123"
+
+
+def test_no_cookie_travels_from_one_caller_to_the_next(make_app, downstream):
+    """A cookie the downstream sets while serving user A never goes out with the call made for user B."""
+    app = make_app()
+    client = make_client(downstream.url)
+    downstream.headers = {"Set-Cookie": "session=user-A-secret; Path=/"}
+    with app.test_request_context("/"):
+        g.request_id = "for-user-a"
+        client.get("/profile")
+    downstream.headers = {}
+    with app.test_request_context("/"):
+        g.request_id = "for-user-b"
+        client.get("/profile")
+        client.post("/orders", json={})
+    for _, _, headers in downstream.requests[1:]:
+        assert "Cookie" not in headers, headers
+    assert len(downstream.requests) == 3
 
 
 def test_trace_context_goes_with_the_call(downstream):
