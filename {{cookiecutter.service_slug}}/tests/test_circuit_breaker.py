@@ -255,7 +255,7 @@ def test_a_breaker_is_not_reused_with_a_different_exclude(make_app):
     lenient = breakers.get("inventory", app, exclude=(NotFound,))
     assert breakers.get("inventory", app, exclude=[NotFound]) is lenient  # same set, any iterable
     assert breakers.get("inventory", app) is lenient  # no exclude given: the existing breaker
-    with pytest.raises(ValueError, match="inventory.*already exists.*NotFound"):
+    with pytest.raises(ValueError, match=r"inventory.*already exists.*NotFound"):
         breakers.get("inventory", app, exclude=())
     with pytest.raises(ValueError, match="inventory"):
         breakers.get("inventory", app, exclude=(Boom,))
