@@ -70,7 +70,7 @@ def test_gunicorn_start_never_wipes_a_folder_it_did_not_create(monkeypatch, tmp_
     data.mkdir()
     (data / "orders.db").write_text("the user's own data")
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(data))
-    with pytest.raises(RuntimeError, match="PROMETHEUS_MULTIPROC_DIR.*did not create"):
+    with pytest.raises(RuntimeError, match=r"PROMETHEUS_MULTIPROC_DIR.*did not create"):
         gunicorn_on_starting(None)
     assert (data / "orders.db").read_text() == "the user's own data"
 
