@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from flask import g
 
+from app.request_logging import RequestContextFilter
 from common_utils.circuit_breaker import CLOSED, OPEN, CircuitBreaker, CircuitBreakers
 from common_utils.http_client import (
     ClientSettings,
@@ -137,11 +138,16 @@ def test_connect_timeout_holds():
         listener.close()
 
 
-def test_connection_refused_is_downstream_unavailable():
-    """Nothing listening: a DownstreamUnavailable naming the service, after the bounded retries."""
+def closed_port() -> int:
+    """A local port nothing listens on."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def test_connection_refused_is_downstream_unavailable():
+    """Nothing listening: a DownstreamUnavailable naming the service, after the bounded retries."""
+    port = closed_port()
     with pytest.raises(DownstreamUnavailable) as error:
         make_client(f"http://127.0.0.1:{port}").get("/")
     assert not isinstance(error.value, DownstreamTimeout)
@@ -357,3 +363,21 @@ def test_unhandled_downstream_errors_become_json_gateway_errors(make_app, downst
     assert refused.status_code == 503
     assert refused.get_json()["error"]["code"] == "downstream_circuit_open"
     assert int(refused.headers["Retry-After"]) >= 1
+
+
+def test_downstream_failures_reach_the_log_not_the_caller(make_app, caplog):
+    """Connection refused: the caller sees a code and the service's name; the address and reason are logged with the request id."""
+    port = closed_port()
+    app = make_app(DOWNSTREAM_SERVICES={"inventory": f"http://127.0.0.1:{port}"}, HTTP_CLIENT_RETRIES=0)
+    clients = ServiceClients(CircuitBreakers())
+    app.add_url_rule("/proxy", "proxy", lambda: clients.get("inventory").get("/items").json())
+    caplog.handler.addFilter(RequestContextFilter())
+    response = app.test_client().get("/proxy", headers={"X-Request-ID": "req-hostile-2"})
+    assert response.status_code == 503
+    body = response.get_data(as_text=True)
+    for secret in ("127.0.0.1", str(port), "refused", "Errno", "HTTPConnectionPool", "/items"):
+        assert secret not in body, (secret, body)
+    assert response.get_json()["error"]["details"] == {"service": "inventory"}
+    logged = [record for record in caplog.records if str(port) in record.getMessage()]
+    assert logged
+    assert {record.request_id for record in logged} == {"req-hostile-2"}
