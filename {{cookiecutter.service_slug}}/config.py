@@ -139,6 +139,8 @@ class Config:
         # Creating, changing and deleting cost more than reading: a tighter limit.
         self.RATELIMIT_WRITE = env.str("RATELIMIT_WRITE", "60 per minute")
         self.RATELIMIT_STORAGE_URI = self.secret(env, "RATELIMIT_STORAGE_URI", "memory://")
+        # Seconds a connect or a reply of the Redis storage may take (common_utils/rate_limiting.py).
+        self.RATELIMIT_STORAGE_TIMEOUT = env.float("RATELIMIT_STORAGE_TIMEOUT", 0.25)
         self.RATELIMIT_KEY_PREFIX = env.str("RATELIMIT_KEY_PREFIX", self.SERVICE_NAME)
 {%- endif %}
 {%- if cookiecutter.use_service_registry %}
