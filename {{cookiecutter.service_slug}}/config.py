@@ -131,6 +131,10 @@ class Config:
         self.HTTP_CLIENT_READ_TIMEOUT = env.float("HTTP_CLIENT_READ_TIMEOUT", 5.0)
         self.HTTP_CLIENT_RETRIES = env.int("HTTP_CLIENT_RETRIES", 2)
         self.HTTP_CLIENT_BACKOFF = env.float("HTTP_CLIENT_BACKOFF", 0.2)
+        # One call's whole budget: lookups, attempts and the waits between them.
+        self.HTTP_CLIENT_DEADLINE = env.float("HTTP_CLIENT_DEADLINE", 10.0)
+        # A downstream's Retry-After longer than this ends the call instead of being waited for.
+        self.HTTP_CLIENT_MAX_RETRY_AFTER = env.float("HTTP_CLIENT_MAX_RETRY_AFTER", 5.0)
 {%- endif %}
 {%- if cookiecutter.use_rate_limiting %}
 
