@@ -76,8 +76,9 @@ FEATURES: tuple[Feature, ...] = (
         name="core",
         tables=("resource",),
         migration_steps=("resource_version",),
-        # Local-only defaults: with ENVIRONMENT=production the service refuses
-        # to start until SECRET_KEY (or SECRET_KEY_FILE) is a real secret.
+        # docker compose is the laptop stack: ENVIRONMENT=development with the
+        # local-only secrets below. Any other ENVIRONMENT is production, which
+        # refuses to start until every credential is real (README, Security).
         environment={
             "ENVIRONMENT": "${ENVIRONMENT:-development}",
             "SECRET_KEY": "${SECRET_KEY:-insecure-local-only}",
