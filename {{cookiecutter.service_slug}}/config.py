@@ -99,6 +99,10 @@ class Config:
         self.TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", 0)
         # Browser origins allowed to call the API; empty turns CORS off.
         self.CORS_ORIGINS = env.list("CORS_ORIGINS", [])
+        # /health/ready: every check runs at once within this many seconds (probes
+        # time out after 3 s), and the answer is reused for READINESS_CACHE_TTL s.
+        self.READINESS_TIMEOUT = env.float("READINESS_TIMEOUT", 0.8)
+        self.READINESS_CACHE_TTL = env.float("READINESS_CACHE_TTL", 1.0)
 {%- if cookiecutter.use_api_versioning %}
 
         self.API_VERSION = env.str("API_VERSION", {{ cookiecutter.api_version | py_string }})
@@ -141,6 +145,7 @@ class Config:
         self.CONSUL_TOKEN = self.secret(env, "CONSUL_TOKEN", "")
         self.CONSUL_TIMEOUT = env.float("CONSUL_TIMEOUT", 3.0)
         self.CONSUL_RETRY_MAX_DELAY = env.float("CONSUL_RETRY_MAX_DELAY", 30.0)
+        self.CONSUL_RESYNC_INTERVAL = env.float("CONSUL_RESYNC_INTERVAL", 15.0)  # re-register if the agent forgot
         # Registration happens only where the service is served (gunicorn's
         # master, `flask run`, `python main.py`), never on import or in tests.
         self.AUTO_REGISTER_SERVICE = env.bool("AUTO_REGISTER_SERVICE", True)

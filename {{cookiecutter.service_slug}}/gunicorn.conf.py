@@ -40,7 +40,12 @@ def child_exit(server, worker):
 
 
 def when_ready(server):
-    """Register with Consul once, in the master: workers share one host:port."""
+    """Register with Consul once, in the master (workers share one host:port).
+
+    It also makes the master deregister as soon as SIGTERM (or SIGINT,
+    SIGQUIT) arrives, before closing the sockets and draining the requests
+    in flight; compose's stop_grace_period is longer than graceful_timeout.
+    """
     from common_utils.service_registry import gunicorn_when_ready
     from config import Config
 
@@ -48,7 +53,7 @@ def when_ready(server):
 
 
 def on_exit(server):
-    """Deregister from Consul when gunicorn stops (SIGTERM, SIGINT), not when a worker is recycled."""
+    """Deregister from Consul if a stop signal did not already; never when a worker is recycled."""
     from common_utils.service_registry import gunicorn_on_exit
 
     gunicorn_on_exit(server)

@@ -6,15 +6,22 @@ registered and deregistered itself, the first worker to be recycled would
 take the whole instance out of Consul while its siblings still serve. So:
 
 - under gunicorn the master registers once (`gunicorn_when_ready`) and
-  deregisters when gunicorn stops (`gunicorn_on_exit`); workers never do;
+  deregisters as soon as it is told to stop (SIGTERM, SIGINT, SIGQUIT),
+  before gunicorn closes its sockets and drains the requests in flight:
+  discovery stops sending traffic first; workers never register;
 - `flask run` registers from `init_app`, in the process that serves;
 - `python main.py` calls `register_process(app)` before serving;
 - importing the app, the tests and other `flask` commands never register.
 
 Consul being down never stops the service: registration is retried in a
-background thread with exponential backoff, each failure is logged, and the
-state shows in /health/ready as a non-critical check. The instance is
-deregistered at normal exit and on SIGTERM.
+background thread with exponential backoff, the first failure is logged (then
+only the recovery), and the state shows in /health/ready as a non-critical
+check. Registration is kept, not one-shot: every CONSUL_RESYNC_INTERVAL
+seconds the thread asks the agent whether it still knows the instance and
+registers it again if not (a restarted `-dev` agent keeps nothing). Consul's
+check is /health/ready, so an instance whose database is down leaves
+discovery until it is ready again. The instance is deregistered at normal
+exit and on SIGTERM.
 
 Discovery: `service_registry.resolve("payments")` returns the base URL of an
 instance whose checks pass, round-robin over the healthy instances, from a
@@ -117,7 +124,7 @@ class Registration:
             meta["api_versions"] = ",".join(api_versions)
         host = f"[{address}]" if ":" in address else address
         check = consul.Check.http(
-            f"http://{host}:{port}/health",
+            f"http://{host}:{port}/health/ready",  # not ready (database down): out of discovery
             interval=config["SERVICE_CHECK_INTERVAL"],
             timeout=config["SERVICE_CHECK_TIMEOUT"],
             deregister=config["SERVICE_DEREGISTER_AFTER"],
@@ -151,24 +158,35 @@ class Registrar:
     """Keeps one instance registered with the local Consul agent while this process runs.
 
     `start()` registers in a background thread, retrying with exponential
-    backoff (capped at `max_delay`) until the agent accepts; `stop()`
-    deregisters. It only acts in the process that created it: a forked
-    gunicorn worker inherits the object and its atexit hook, and must not
-    deregister the instance its master registered.
+    backoff (capped at `max_delay`) until the agent accepts, then checks
+    every `resync_interval` seconds that the agent still knows the instance
+    and registers it again when it does not; `stop()` deregisters. It only
+    acts in the process that created it: a forked gunicorn worker inherits
+    the object and its atexit hook, and must not deregister the instance its
+    master registered.
     """
 
-    def __init__(self, client: consul.Consul, registration: Registration, *, agent: str, max_delay: float):
+    def __init__(
+        self,
+        client: consul.Consul,
+        registration: Registration,
+        *,
+        agent: str,
+        max_delay: float,
+        resync_interval: float = 15.0,
+    ):
         self.client = client
         self.registration = registration
         self.agent = agent
         self.max_delay = max_delay
+        self.resync_interval = resync_interval
         self.registered = False
         self.attempts = 0
         self.last_error: str | None = None
         self._pid = os.getpid()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Held during each attempt; a fork waits for it (see _before_fork).
+        #: Held during each attempt; a fork waits for it (see _before_fork), and so does stop().
         self.attempt_lock = threading.Lock()
 
     @property
@@ -176,26 +194,58 @@ class Registrar:
         return os.getpid() == self._pid
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._keep_trying, name="consul-registration", daemon=True)
+        self._thread = threading.Thread(target=self._keep_registered, name="consul-registration", daemon=True)
         self._thread.start()
 
-    def _keep_trying(self) -> None:
+    def _keep_registered(self) -> None:
         delay = FIRST_RETRY_DELAY
-        while not self._stopping.is_set() and not self._attempt():
-            logger.warning(
-                "Consul registration of %s failed (attempt %d: %s); retrying in %.1fs",
-                self.registration.service_id,
-                self.attempts,
-                self.last_error,
-                delay,
-            )
-            if self._stopping.wait(delay):
+        while not self._stopping.is_set():
+            if self._attempt():
+                delay, wait = FIRST_RETRY_DELAY, self.resync_interval
+            else:
+                wait, delay = delay, min(delay * 2, self.max_delay)
+            if self._stopping.wait(wait):
                 return
-            delay = min(delay * 2, self.max_delay)
 
     def _attempt(self) -> bool:
+        """Register, or check that the agent still knows the instance; False on failure."""
         with self.attempt_lock:
-            return self._stopping.is_set() or self.register_once()
+            if self._stopping.is_set():
+                return True
+            if self.registered and self._still_known():
+                return True
+            return self.register_once()
+
+    def _still_known(self) -> bool:
+        """Whether the agent still lists the instance (an unreachable agent counts as a failure)."""
+        try:
+            known = self.registration.service_id in (self.client.agent.services() or {})
+        except CONSUL_ERRORS as error:
+            self._failed(error)
+            return True  # nothing to do until the agent answers again
+        if self.last_error is not None:
+            logger.info("The Consul agent at %s answers again", self.agent)
+            self.last_error = None
+        if not known:
+            self.registered = False
+            logger.warning(
+                "The Consul agent at %s no longer knows %s (restarted?); registering it again",
+                self.agent,
+                self.registration.service_id,
+            )
+        return known
+
+    def _failed(self, error: Exception) -> None:
+        """Log the first failure of a run of failures; the rest would only repeat it."""
+        first = self.last_error is None
+        self.last_error = f"{type(error).__name__}: {error}"
+        log = logger.warning if first else logger.debug
+        log(
+            "Consul agent at %s unreachable for %s (%s); retrying in the background, quietly until it answers",
+            self.agent,
+            self.registration.service_id,
+            self.last_error,
+        )
 
     def register_once(self) -> bool:
         registration = self.registration
@@ -211,7 +261,7 @@ class Registrar:
                 check=registration.check,
             )
         except CONSUL_ERRORS as error:
-            self.last_error = f"{type(error).__name__}: {error}"
+            self._failed(error)
             return False
         self.registered, self.last_error = True, None
         logger.info(
@@ -224,21 +274,28 @@ class Registrar:
         return True
 
     def stop(self) -> None:
-        """Stop retrying and deregister; safe to call twice, a no-op in forked children."""
+        """Stop retrying and deregister; safe to call twice, a no-op in forked children.
+
+        An attempt in progress is waited for (at most the client's timeout),
+        so it cannot register the instance again after it has left.
+        """
         if not self.owned_here or self._stopping.is_set():
             return
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.client.http.connections_timeout + 1)
-        if not self.registered:
-            return
+        locked = self.attempt_lock.acquire(timeout=self.client.http.connections_timeout + 1)
         try:
-            self.client.agent.service.deregister(self.registration.service_id)
-        except CONSUL_ERRORS as error:
-            logger.warning("Consul deregistration of %s failed: %s", self.registration.service_id, error)
-            return
-        self.registered = False
-        logger.info("Deregistered %s from the Consul agent at %s", self.registration.service_id, self.agent)
+            if not self.registered:
+                return
+            try:
+                self.client.agent.service.deregister(self.registration.service_id)
+            except CONSUL_ERRORS as error:
+                logger.warning("Consul deregistration of %s failed: %s", self.registration.service_id, error)
+                return
+            self.registered = False
+            logger.info("Deregistered %s from the Consul agent at %s", self.registration.service_id, self.agent)
+        finally:
+            if locked:
+                self.attempt_lock.release()
 
     def state(self) -> dict:
         return {"service_id": self.registration.service_id, "registered": self.registered, "attempts": self.attempts}
@@ -300,6 +357,7 @@ def register_process(
             Registration.from_config(config, address=address, port=port),
             agent=agent_address(config),
             max_delay=config["CONSUL_RETRY_MAX_DELAY"],
+            resync_interval=config["CONSUL_RESYNC_INTERVAL"],
         )
         _process_registrar = registrar
     registrar.start()
@@ -468,10 +526,37 @@ def gunicorn_when_ready(server, config: Mapping[str, Any]) -> None:
     # Workers are forked after this hook and inherit the environment: their
     # readiness checks then ask the agent about exactly this id.
     os.environ["SERVICE_ID"] = registrar.registration.service_id
+    deregister_before_draining(server)
+
+
+#: The master's handlers of the signals that stop gunicorn (graceful, then fast).
+STOP_HANDLERS = ("handle_term", "handle_int", "handle_quit")
+
+
+def deregister_before_draining(server) -> None:
+    """Leave Consul as soon as gunicorn's master is told to stop, before it drains.
+
+    On SIGTERM gunicorn closes its sockets, waits up to graceful_timeout for
+    the requests in flight and only then runs `on_exit`: deregistering there
+    would leave the instance in discovery, and callers sending to a closed
+    port, for the whole drain. gunicorn has no hook at that moment, but its
+    master looks its handlers up by name (`handle_term`, ...) on the arbiter
+    when the signal arrives: wrapping them runs the deregistration first.
+    """
+    for name in STOP_HANDLERS:
+        stop = getattr(server, name, None)
+        if stop is None:
+            continue
+
+        def deregister_then(stop=stop) -> None:
+            gunicorn_on_exit(server)
+            stop()
+
+        setattr(server, name, deregister_then)
 
 
 def gunicorn_on_exit(server) -> None:
-    """In gunicorn's master, when it stops (SIGTERM, SIGINT): deregister the instance."""
+    """In gunicorn's master: deregister the instance (once; a no-op if the stop signal did already)."""
     registrar = process_registrar()
     if registrar is not None:
         registrar.stop()

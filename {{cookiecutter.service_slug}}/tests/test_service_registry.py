@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
@@ -38,18 +39,23 @@ def registry_app(make_app, consul):
     return build
 
 
-def registrar_for(app, **overrides) -> Registrar:
+def registrar_for(app, resync_interval: float = 15.0, **overrides) -> Registrar:
     config = {**app.config, **overrides}
     return Registrar(
         consul_client(config),
         Registration.from_config(config),
         agent=f"{config['CONSUL_HOST']}:{config['CONSUL_PORT']}",
         max_delay=0.5,
+        resync_interval=resync_interval,
     )
 
 
 def test_register_payload_is_exact(registry_app, consul):
-    """The agent receives id, name, address, port, tags, meta and an HTTP check on /health."""
+    """The agent receives id, name, address, port, tags, meta and an HTTP check on /health/ready.
+
+    Readiness, not liveness: an instance whose database is down fails the
+    check and leaves discovery until it is ready again.
+    """
     app = registry_app(SERVICE_ADDRESS="10.1.2.3", SERVICE_PORT=5050, SERVICE_TAGS=["team-a"])
     registrar = registrar_for(app)
 
@@ -70,7 +76,7 @@ def test_register_payload_is_exact(registry_app, consul):
         "meta": meta,
         "checks": [
             {
-                "http": "http://10.1.2.3:5050/health",
+                "http": "http://10.1.2.3:5050/health/ready",
                 "interval": "10s",
                 "timeout": "5s",
                 "DeregisterCriticalServiceAfter": "1m",
@@ -119,6 +125,46 @@ def test_registration_is_retried_until_consul_comes_up(registry_app):
     finally:
         registrar.stop()
         late.stop()
+
+
+def test_registration_is_kept_when_the_agent_restarts_empty(registry_app, consul):
+    """An agent restarted with nothing kept (compose runs `consul agent -dev`) gets the instance back."""
+    app = registry_app(SERVICE_ID="orders-kept")
+    registrar = registrar_for(app, resync_interval=0.05)
+    registrar.start()
+    restarted = None
+    try:
+        wait_for(lambda: "orders-kept" in consul.services, 5, "the first registration")
+        consul.stop()
+        restarted = ConsulStandIn(port=consul.port).start()  # same address, no services
+        wait_for(lambda: "orders-kept" in restarted.services, 5, "registration with the restarted agent")
+        assert len(restarted.registrations()) == 1
+
+        restarted.forget()
+        wait_for(lambda: "orders-kept" in restarted.services, 5, "registration after the agent forgot it")
+        assert len(restarted.registrations()) == 2
+    finally:
+        registrar.stop()
+        if restarted is not None:
+            restarted.stop()
+
+
+def test_an_absent_agent_is_logged_once_then_quietly_retried(registry_app, caplog):
+    """One WARNING when the agent cannot be reached, none for each retry, INFO once it answers."""
+    late = ConsulStandIn(port=free_port())  # not listening yet
+    registrar = registrar_for(registry_app(CONSUL_PORT=late.port, SERVICE_ID="orders-quiet"))
+    caplog.set_level("DEBUG", logger=registry_module.__name__)
+    registrar.start()
+    try:
+        wait_for(lambda: registrar.attempts >= 3, 10, "three failed attempts")
+        late.start()
+        wait_for(lambda: registrar.registered, 10, "registration once the agent is up")
+    finally:
+        registrar.stop()
+        late.stop()
+    ours = [r for r in caplog.records if r.name == registry_module.__name__]
+    assert [r.levelname for r in ours if r.levelno >= logging.WARNING] == ["WARNING"]
+    assert any(r.levelname == "INFO" and "Registered orders-quiet" in r.getMessage() for r in ours)
 
 
 def test_consul_down_does_not_stop_the_app(make_app):

@@ -1,4 +1,4 @@
-"""Registration by the process that serves: once per instance, gone on SIGTERM.
+"""Registration by the process that serves: once per instance, gone on SIGTERM before the drain.
 
 Each test starts the real service in a subprocess against the Consul
 stand-in: `flask run`, `python main.py` and gunicorn with two workers.
@@ -126,43 +126,81 @@ def test_development_server_registers_and_deregisters_on_sigterm(command, tmp_pa
     assert len(consul.registrations()) == 1
 
 
+def app_with_a_held_route():
+    """main's app plus GET /held, which answers once the Consul stand-in releases it.
+
+    gunicorn builds it in each worker (`tests.test_service_registry_process:app_with_a_held_route()`),
+    so a test can keep a request in flight for as long as it likes.
+    """
+    from main import app
+
+    hold = f"http://127.0.0.1:{os.environ['CONSUL_PORT']}/test/hold"
+
+    def held():
+        with urllib.request.urlopen(hold, timeout=30) as response:
+            return response.read().decode()
+
+    app.add_url_rule("/held", "held", held)
+    return app
+
+
 @pytest.mark.gunicorn
-def test_gunicorn_registers_once_and_survives_a_worker_exit(tmp_path, consul):
-    """Two workers, one registration; a recycled worker deregisters nothing; stopping gunicorn does."""
+def test_gunicorn_registers_once_and_deregisters_before_draining(tmp_path, consul):
+    """One registration for two workers; a recycled worker deregisters nothing; SIGTERM deregisters first.
+
+    With a request in flight, the deregistration reaches the agent while
+    that request is still running; the request then completes (the drain)
+    and gunicorn exits cleanly.
+    """
     port = free_port()
     env = {
         **service_env(tmp_path, consul, port),
         "GUNICORN_WORKERS": "2",
-        "GUNICORN_THREADS": "1",
+        "GUNICORN_THREADS": "2",
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),  # used when metrics are on
     }
-    command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
+    command = [
+        sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
+        "tests.test_service_registry_process:app_with_a_held_route()",
+    ]
     service = Service(command, env, port)
     try:
-        [registration] = wait_for(consul.registrations, 30, "gunicorn's master to register")
+        [registration] = wait_for(consul.registrations, 60, "gunicorn's master to register")
         assert registration.body["port"] == port
         assert registration.body["address"] == "127.0.0.1"
         service_id = registration.body["id"]
         # A worker's readiness asks the agent about the id the master registered.
         check = wait_for(
             lambda: (c := service.readiness_check()) and c["status"] == "up" and c,
-            20,
+            60,  # a worker imports the whole app first: seconds on a busy machine
             "a worker to see the registration",
         )
-        assert check["service_id"] == service_id
+        assert check["status"] == "up"
 
         # One worker fewer (TTOU): it exits as a recycled worker would, inheriting the
         # master's registrar and its atexit hook, and must leave the instance registered.
         os.kill(service.process.pid, signal.SIGTTOU)
         exiting = wait_for(lambda: EXITING.findall("".join(service.lines)), 20, "a worker to exit")
         wait_for(lambda: not process_exists(int(exiting[0])), 20, "the worker process to be gone")
-        time.sleep(0.3)
         assert consul.deregistrations() == []
         assert service_id in consul.services
-        assert service.get_json("/health")["status"] == "healthy"
 
-        assert service.terminate() == 0
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            in_flight = pool.submit(urllib.request.urlopen, f"http://127.0.0.1:{port}/held", timeout=30)
+            wait_for(lambda: consul.calls("GET", "/test/hold"), 20, "the request to be in flight")
+            signalled = time.monotonic()
+            service.process.send_signal(signal.SIGTERM)
+            try:
+                wait_for(consul.deregistrations, 10, "the deregistration while a request is in flight")
+                print(f"SIGTERM to deregistration: {(time.monotonic() - signalled) * 1000:.0f} ms")
+                assert not in_flight.done()
+            finally:
+                consul.release.set()
+            with in_flight.result(timeout=20) as response:
+                assert response.read() == b"released"  # drained, not cut off
+        assert service.process.wait(timeout=20) == 0
     finally:
+        consul.release.set()
         service.kill()
 
     assert [call.path for call in consul.deregistrations()] == [f"/v1/agent/service/deregister/{service_id}"]
