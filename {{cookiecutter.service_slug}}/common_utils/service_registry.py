@@ -449,11 +449,11 @@ class ServiceRegistry:
         """Whether this instance is in Consul; raises (non-critically) while it is not."""
         state = self.state(app)
         if not app.config["AUTO_REGISTER_SERVICE"]:
-            return {"auto_register": False, "agent": state.agent}
+            return {"auto_register": False}
         registrar = process_registrar()
         if registrar is not None:  # this process registers (flask run, python main.py)
             if registrar.registered:
-                return {**registrar.state(), "agent": state.agent}
+                return registrar.state()
             raise NotRegisteredError(
                 f"not registered with the Consul agent at {state.agent} after {registrar.attempts} "
                 f"attempt(s), retrying in the background: {registrar.last_error or 'first attempt running'}"
@@ -465,7 +465,7 @@ class ServiceRegistry:
         except CONSUL_ERRORS as error:
             raise NotRegisteredError(f"the Consul agent at {state.agent} is unreachable: {error}") from error
         if service_id in services:
-            return {"service_id": service_id, "registered": True, "agent": state.agent}
+            return {"service_id": service_id, "registered": True}
         raise NotRegisteredError(f"{service_id} is not registered with the Consul agent at {state.agent}")
 
     def resolve(self, name: str, app: Flask | None = None) -> str:

@@ -179,7 +179,7 @@ def test_consul_down_does_not_stop_the_app(make_app):
     assert response.status_code == 200
     assert check["status"] == "down"
     assert check["critical"] is False
-    assert f"the Consul agent at 127.0.0.1:{port} is unreachable" in check["error"]
+    assert check["error"] == "check_failed"  # the agent's address: in the log, not the body
 
 
 def test_readiness_reports_an_instance_the_agent_knows(registry_app, consul):
@@ -188,7 +188,7 @@ def test_readiness_reports_an_instance_the_agent_knows(registry_app, consul):
     client = app.test_client()
     pending = client.get("/health/ready").get_json()["checks"]["service_registry"]
     assert pending["status"] == "down"
-    assert "orders-in-consul is not registered" in pending["error"]
+    assert pending["error"] == "check_failed"
 
     consul.services["orders-in-consul"] = {"name": "orders", "id": "orders-in-consul"}
     check = client.get("/health/ready").get_json()["checks"]["service_registry"]
