@@ -168,7 +168,10 @@ class Config:
         self.JAEGER_PORT = env.int("JAEGER_PORT", None)  # the guide's UDP agent port: only warned about
         self.OTEL_EXPORTER_OTLP_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_ENDPOINT", "")
         self.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
-        self.TRACING_EXPORTER = env.str("OTEL_TRACES_EXPORTER", "otlp")  # otlp, console or none
+        self.OTEL_SDK_DISABLED = env.str("OTEL_SDK_DISABLED", "").strip().lower() == "true"  # as the spec says
+        self.TRACING_EXPORTER = env.str("OTEL_TRACES_EXPORTER", "otlp")  # otlp, console, none, or a list
+        self.OTEL_EXPORTER_OTLP_TIMEOUT = env.float("OTEL_EXPORTER_OTLP_TIMEOUT", None)  # milliseconds
+        self.OTEL_EXPORTER_OTLP_TRACES_TIMEOUT = env.float("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", None)  # milliseconds
         # Seconds one export may take: short, so a missing collector never holds up shutdown.
         self.TRACING_EXPORT_TIMEOUT = env.float("TRACING_EXPORT_TIMEOUT", 1.0)
         # Probes and scrapes are not worth a trace each.

@@ -23,6 +23,7 @@ goes down (and once more when it is back up), not at every probe.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -56,7 +57,9 @@ class CheckRun:
     duration_ms: float = 0.0
 
     def start(self) -> CheckRun:
-        threading.Thread(target=self._run, name=f"readiness-{self.check.name}", daemon=True).start()
+        # The probe's context goes along (tracing's "not traced" for probes, the current span).
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(self._run,), name=f"readiness-{self.check.name}", daemon=True).start()
         return self
 
     def _run(self) -> None:

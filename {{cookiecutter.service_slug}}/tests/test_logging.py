@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import sys
 
 import pytest
 
@@ -58,3 +59,12 @@ def test_records_outside_requests_have_null_request_id():
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", (), None)
     assert RequestContextFilter().filter(record)
     assert record.request_id is None
+
+
+def test_the_handler_writes_to_the_stdout_of_the_moment(monkeypatch):
+    """Lines go to the current sys.stdout, not the one of configure time (pytest closes those)."""
+    configure_logging("INFO")
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", later)
+    logging.getLogger("test").warning("after the swap")
+    assert json.loads(later.getvalue())["message"] == "after the swap"
