@@ -2,6 +2,10 @@
 
 import multiprocessing
 import os
+
+from gunicorn.glogging import Logger
+
+from common_utils.json_logging import configure_json_logging
 {%- if cookiecutter.use_metrics %}
 import tempfile
 {%- endif %}
@@ -15,6 +19,21 @@ keepalive = 5
 accesslog = None  # the app writes its own JSON access log with the request id
 errorlog = "-"
 wsgi_app = "main:app"
+
+
+class JsonLogger(Logger):
+    """gunicorn's own lines (master and workers) as the service's JSON lines on stdout."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        configure_json_logging(os.environ.get("LOG_LEVEL", "INFO").upper())
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
+
+
+logger_class = JsonLogger
 {%- if cookiecutter.use_metrics %}
 
 # Workers are separate processes: counters go to files in this folder and
