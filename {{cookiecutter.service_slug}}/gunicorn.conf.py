@@ -2,13 +2,13 @@
 
 import multiprocessing
 import os
+{%- if cookiecutter.use_metrics %}
+import tempfile
+{%- endif %}
 
 from gunicorn.glogging import Logger
 
 from common_utils.json_logging import configure_json_logging
-{%- if cookiecutter.use_metrics %}
-import tempfile
-{%- endif %}
 
 bind = f"0.0.0.0:{os.environ.get('SERVICE_PORT', '{{ cookiecutter.service_port }}')}"
 workers = int(os.environ.get("GUNICORN_WORKERS", min(2 * multiprocessing.cpu_count() + 1, 8)))

@@ -19,13 +19,13 @@ from werkzeug.wrappers import Request, Response
 from app.extensions import tracer
 from app.request_logging import configure_logging
 from common_utils import tracing
-from tests.otlp_receiver import OTLPReceiver, free_port
 from common_utils.tracing import (
     TRACE_CONTEXT_FILTER,
     BackoffExporter,
     ForkSafeBatchProcessor,
     traces_endpoint,
 )
+from tests.otlp_receiver import OTLPReceiver, free_port
 
 INCOMING_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 INCOMING_PARENT_ID = "b7ad6b7169203331"
