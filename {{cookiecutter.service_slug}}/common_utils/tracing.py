@@ -178,6 +178,12 @@ class FoldIntoBackoffExporter(logging.Filter):
 FOLD_INTO_BACKOFF_EXPORTER = FoldIntoBackoffExporter()
 
 
+def failure_reason(messages: list[str]) -> str:
+    """The exporter's account of the first failed attempt, without its generic "Failed to export" line."""
+    specific = [message for message in messages if not message.startswith("Failed to export")]
+    return specific[0] if specific else "the collector did not take the spans in time"
+
+
 class BackoffExporter(SpanExporter):
     """Stops trying a collector that is not there, for a while, and says so once.
 
@@ -220,7 +226,7 @@ class BackoffExporter(SpanExporter):
         (logger.warning if first else logger.debug)(
             "Span export to %s failed (%s); dropping spans, trying again after %.0f s, quietly until it works",
             self.endpoint,
-            "; ".join(reasons) or "no reason given",
+            failure_reason(reasons),
             self.backoff,
         )
         return result
