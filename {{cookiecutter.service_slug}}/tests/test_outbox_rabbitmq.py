@@ -491,6 +491,25 @@ def test_a_suspect_event_is_published_alone_even_with_several_relay_workers(tran
     assert [properties.message_id for _, properties, _ in queue.drain()] == [suspect.id]
 
 
+def test_a_suspect_waiting_for_the_channel_is_not_overtaken_by_new_batches(transport, queue):
+    """Once a suspect waits for the channel to empty, other workers' new batches wait too (no starvation)."""
+    publisher = transport(confirm_timeout=1.0)
+    hold_back_confirms(publisher, per_channel=0)  # every batch stays in flight until its timeout
+    first, suspect, later = event_row("agg-a", 0), event_row("agg-b", 0), event_row("agg-c", 0)
+    publisher._suspects[suspect.id] = None
+    in_flight = threading.Thread(target=publisher.publish, args=([first],))
+    in_flight.start()
+    wait_until(lambda: queue.count() == 1, timeout=10, what="the first batch to reach the broker")
+    isolating = threading.Thread(target=publisher.publish, args=([suspect],))
+    isolating.start()
+    wait_until(lambda: len(publisher._gate._waiters) == 1, timeout=10, what="the suspect to wait for the channel")
+    [result] = publisher.publish([later])
+    in_flight.join()
+    isolating.join()
+    assert result is SKIPPED or isinstance(result, TransportUnavailable)
+    assert later.id not in {properties.message_id for _, properties, _ in queue.drain()}
+
+
 def test_after_an_event_fails_its_keys_later_events_in_the_batch_are_not_published(transport, amqp_url, exchange):
     """A returned event holds back the later events of its key (SKIPPED); other keys go on."""
     bound = BoundQueue(amqp_url, exchange, binding="bound.#")
