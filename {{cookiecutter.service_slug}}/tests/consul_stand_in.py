@@ -73,6 +73,7 @@ class ConsulStandIn:
         return self
 
     def stop(self) -> None:
+        self.release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -189,6 +189,20 @@ def test_trace_ids_survive_logging_reconfiguration(traced):
     assert (record.trace_id, record.span_id) == (None, None)
 
 
+def test_spans_record_the_client_behind_a_trusted_proxy(traced):
+    """Behind TRUSTED_PROXY_COUNT proxies the request span records the client (X-Forwarded-For), not the proxy.
+
+    ProxyFix rewrites the address before the span is started, whatever order
+    the WSGI wrappers are in (it changes the environ in place).
+    """
+    app, spans = traced(TRUSTED_PROXY_COUNT=1)
+    app.test_client().get(
+        "/no-such-page", headers={"X-Forwarded-For": "203.0.113.7"}, environ_base={"REMOTE_ADDR": "10.0.0.9"}
+    )
+    [span] = server_spans(spans)
+    assert span.attributes.get("client.address", span.attributes.get("net.peer.ip")) == "203.0.113.7"
+
+
 def test_health_probes_are_not_traced(traced):
     """Probes (/health, /health/ready) leave no spans, not even for the SQL they run."""
     app, spans = traced()

@@ -98,7 +98,7 @@ def test_every_gunicorn_worker_exports(tmp_path, receiver):
             return response.status
 
     try:
-        wait_for(lambda: _answers(get), 30, "gunicorn to serve")
+        wait_for(lambda: _answers(get), 60, "gunicorn to serve")  # workers import the whole app first
 
         def worker_pids():
             """Send a burst of concurrent requests; the pids that spans came from so far."""
