@@ -65,7 +65,8 @@ RETRYABLE_STATUSES = frozenset({502, 503, 504})
 MAX_BACKOFF = 5.0  # seconds; no single wait between attempts is longer
 REQUEST_ID_HEADER = "X-Request-ID"
 
-Resolver = Callable[[str], str]
+#: resolve(name, timeout=seconds) -> base URL; the timeout is what the call's deadline has left.
+Resolver = Callable[..., str]
 
 
 class DownstreamError(Exception):
@@ -225,8 +226,8 @@ class ServiceClient:
         deadline = self.clock() + self.settings.deadline
         attempt = 1
         while True:
-            # The lookup's time counts against the deadline too.
-            url = self.base_url().rstrip("/") + "/" + path.lstrip("/")
+            # The lookup gets what is left of the deadline, and its time counts against it.
+            url = self.base_url(timeout=deadline - self.clock()).rstrip("/") + "/" + path.lstrip("/")
             remaining = deadline - self.clock()
             if remaining <= 0:
                 raise DownstreamTimeout(
@@ -273,14 +274,14 @@ class ServiceClient:
             return None
         return max(delay, error.retry_after)
 
-    def base_url(self) -> str:
-        """The resolver's answer, else the configured URL, else DownstreamUnavailable."""
+    def base_url(self, timeout: float | None = None) -> str:
+        """The resolver's answer (within `timeout` seconds), else the configured URL, else DownstreamUnavailable."""
         if self._resolve is not None:
             try:
                 if self._app is None:
-                    return self._resolve(self.name)
+                    return self._resolve(self.name, timeout=timeout)
                 with self._app.app_context():  # the resolver may read current_app
-                    return self._resolve(self.name)
+                    return self._resolve(self.name, timeout=timeout)
             except Exception as error:
                 if not self.configured_url:
                     raise DownstreamUnavailable(self.name, f"cannot find an address: {error}") from error
@@ -385,7 +386,7 @@ class ClientRegistry:
 class ServiceClients:
     """The extension: `service_clients.get(name)` is the ServiceClient for that service.
 
-    init_app needs the circuit breakers initialised first. `resolve(name)`
+    init_app needs the circuit breakers initialised first. `resolve(name, timeout=...)`
     returns a base URL (create_app passes the service registry's resolve).
     """
 

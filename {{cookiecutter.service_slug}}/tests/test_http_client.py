@@ -249,7 +249,7 @@ def test_base_url_comes_from_the_resolver_then_configuration(make_app, downstrea
     breakers = CircuitBreakers()
     asked = []
 
-    def resolve(name):
+    def resolve(name, timeout=None):
         asked.append(name)
         return downstream.url
 
@@ -257,7 +257,7 @@ def test_base_url_comes_from_the_resolver_then_configuration(make_app, downstrea
     assert ServiceClients(breakers).get("inventory", app).get("/a").status_code == 200
     assert asked == ["inventory"]
 
-    def registry_down(name):
+    def registry_down(name, timeout=None):
         raise ConnectionError("consul unreachable")
 
     fallback_app = make_app(DOWNSTREAM_SERVICES={"inventory": downstream.url})
@@ -439,7 +439,10 @@ def test_one_deadline_covers_lookups_attempts_and_waits(downstream):
     downstream.statuses = [503]
     settings = ClientSettings(connect_timeout=2, read_timeout=5, retries=10, backoff=0.5, deadline=4)
 
-    def slow_lookup(name: str) -> str:
+    lookup_budgets = []
+
+    def slow_lookup(name: str, timeout: float | None = None) -> str:
+        lookup_budgets.append(timeout)
         clock.now += 0.3
         return downstream.url
 
@@ -461,6 +464,10 @@ def test_one_deadline_covers_lookups_attempts_and_waits(downstream):
     assert clock.now - started <= 4
     assert len(budgets) >= 1
     assert all(budget <= 4 for budget in budgets)
+    # Each lookup is given only what the deadline has left.
+    assert lookup_budgets[0] == pytest.approx(4)
+    assert all(0 < budget <= 4 for budget in lookup_budgets)
+    assert lookup_budgets == sorted(lookup_budgets, reverse=True)
 
 
 def test_a_downstream_503_is_passed_on_with_its_retry_after(make_app, downstream):
