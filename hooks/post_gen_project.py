@@ -2,10 +2,11 @@
 
 Everything here is driven by one table, FEATURES: each row says when a
 feature is on, which files it owns, which docker-compose services it needs,
-what it adds to the service's environment and which tables its migration
-creates. Removing files, writing docker-compose.yml and writing the
-migrations all read that table and nothing else, and the template's own
-tests import it, so there is no second list to keep in step.
+what it adds to the service's environment, which tables its migration
+creates and which later migration steps change them. Removing files,
+writing docker-compose.yml and writing the migrations all read that table
+and nothing else, and the template's own tests import it, so there is no
+second list to keep in step.
 
 It also records where the project came from (.cruft.json: the template's
 source, commit and the answers), so the service can take template updates

@@ -230,6 +230,7 @@ class OutboxMixin:
 
 
 def primary_key_clause(mapper: Mapper, identity: tuple) -> Any:
+    """WHERE the mapper's primary key columns equal `identity` (composite keys too)."""
     return and_(*(column == value for column, value in zip(mapper.primary_key, identity, strict=True)))
 
 
