@@ -36,6 +36,7 @@ in the running Python. The database is emptied: give it a scratch one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -192,30 +193,37 @@ class Bench:
         self.amqp_url = amqp_url
         self.sink = self.bind_sink_queue()
 
-    def bind_sink_queue(self):
-        """A queue on the exchange, so published messages are really routed and stored."""
+    @contextlib.contextmanager
+    def sink_channel(self):
+        """A short-lived broker channel: a BlockingConnection left idle through a long run misses heartbeats."""
         import pika
 
         connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
-        channel = connection.channel()
-        channel.exchange_declare(self.exchange, "topic", durable=True)
-        # Durable, so confirms wait for the disk as they would for a real consumer's
-        # queue; bounded like a queue with a live consumer (old messages dropped).
-        queue = channel.queue_declare(
-            f"{self.exchange}-sink", durable=True, arguments={"x-max-length": 10_000}
-        ).method.queue
-        channel.queue_bind(queue, self.exchange, "#")
-        return connection, channel, queue
+        try:
+            yield connection.channel()
+        finally:
+            connection.close()
+
+    def bind_sink_queue(self) -> str:
+        """A queue on the exchange, so published messages are really routed and stored."""
+        with self.sink_channel() as channel:
+            channel.exchange_declare(self.exchange, "topic", durable=True)
+            # Durable, so confirms wait for the disk as they would for a real consumer's
+            # queue; bounded like a queue with a live consumer (old messages dropped).
+            queue = channel.queue_declare(
+                f"{self.exchange}-sink", durable=True, arguments={"x-max-length": 10_000}
+            ).method.queue
+            channel.queue_bind(queue, self.exchange, "#")
+        return queue
 
     def purge_sink(self) -> None:
-        _, channel, queue = self.sink
-        channel.queue_purge(queue)
+        with self.sink_channel() as channel:
+            channel.queue_purge(self.sink)
 
     def close(self) -> None:
-        connection, channel, queue = self.sink
-        channel.queue_delete(queue)
-        channel.exchange_delete(self.exchange)
-        connection.close()
+        with self.sink_channel() as channel:
+            channel.queue_delete(self.sink)
+            channel.exchange_delete(self.exchange)
         self.state.close()
 
     # -- data ------------------------------------------------------------------
@@ -451,6 +459,11 @@ def warm_up(project: str, barrier) -> None:
     barrier.wait()
 
 
+def progress(name: str, value):
+    print(f"[bench] {name}: {value}", file=sys.stderr, flush=True)
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", required=True)
@@ -470,16 +483,16 @@ def main() -> int:
         os.chdir(project)  # Flask-Migrate finds migrations/ from here
         bench = Bench(project, args.database_url, args.amqp_url)
         try:
-            raw = {workers: bench.raw_rate(args.events, workers) for workers in (1, 2)}
-            raw_publish = bench.raw_publish_rate(args.events)
-            relay = {workers: bench.relay_rate(args.events, workers) for workers in (1, 2)}
-            latency = bench.latency(args.rate, args.seconds)
-            idle = bench.latency(5, 8.0, writers=1)
-            writers = bench.writers(args.writers, args.writer_seconds)
-            retention = bench.retention_rate(args.events)
-            guide = bench.guide_rate(args.guide_events)
+            raw = {workers: progress(f"raw claim, {workers} worker(s)", bench.raw_rate(args.events, workers)) for workers in (1, 2)}
+            raw_publish = progress("raw publish", bench.raw_publish_rate(args.events))
+            relay = {workers: progress(f"relay, {workers} worker(s)", bench.relay_rate(args.events, workers)) for workers in (1, 2)}
+            latency = progress("latency", bench.latency(args.rate, args.seconds))
+            idle = progress("idle latency", bench.latency(5, 8.0, writers=1))
+            writers = progress("writers", bench.writers(args.writers, args.writer_seconds))
+            retention = progress("retention", bench.retention_rate(args.events))
+            guide = progress("guide, no sleep", bench.guide_rate(args.guide_events))
             bench.fill_backlog(args.guide_events)
-            guide_written = bench.guide_as_written(args.guide_rounds)
+            guide_written = progress("guide as written", bench.guide_as_written(args.guide_rounds))
         finally:
             bench.close()
 
