@@ -105,7 +105,7 @@ def write_events(project: str, environ: dict, rate: float, seconds: float, start
 WRITE_TABLE = "bench_writes"
 
 
-def commit_rows(project: str, environ: dict, mode: str, seconds: float, start_at: float) -> int:
+def commit_rows(project: str, environ: dict, mode: str, seconds: float, barrier) -> int:
     """A writer process: commits as fast as it can for `seconds`; the number of commits.
 
     mode "off": one row per transaction; "on": the row and its outbox event,
@@ -127,10 +127,8 @@ def commit_rows(project: str, environ: dict, mode: str, seconds: float, start_at
     notify = text("SELECT pg_notify(:channel, '')")
     commits = 0
     with engine.connect() as connection:
-        delay = start_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        end = start_at + seconds
+        barrier.wait()  # every writer connected: they all start now
+        end = time.monotonic() + seconds
         while time.monotonic() < end:
             with connection.begin():
                 connection.execute(row, {"payload": "x" * 100})
@@ -364,9 +362,8 @@ class Bench:
             for mode in modes:
                 with self.app.app_context(), self.db.engine.begin() as connection:
                     connection.execute(text(f"TRUNCATE {WRITE_TABLE}, outbox_events"))
-                start_at = time.monotonic() + 2.0
                 futures = [
-                    pool.submit(commit_rows, self.project, dict(os.environ), mode, seconds, start_at)
+                    pool.submit(commit_rows, self.project, dict(os.environ), mode, seconds, barrier)
                     for _ in range(processes)
                 ]
                 rates[mode] = sum(future.result() for future in futures) / seconds
@@ -454,9 +451,43 @@ def warm_up(project: str, barrier) -> None:
     """Import what a writer needs, then wait until every process of the pool has."""
     sys.path.insert(0, project)
     import common_utils.outbox.relay  # noqa: F401
+    import config  # noqa: F401
     import sqlalchemy  # noqa: F401
 
     barrier.wait()
+
+
+def run_subset(args, only: set[str]) -> int:
+    """Run some measurements only (to repeat one); prints them as JSON."""
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        project = render(Path(folder))
+        sys.path.insert(0, str(project))
+        os.chdir(project)
+        bench = Bench(project, args.database_url, args.amqp_url)
+        try:
+            if "raw" in only:
+                results["raw_claim_2_workers_per_s"] = bench.raw_rate(args.events, 2)
+                results["raw_publish_per_s"] = bench.raw_publish_rate(args.events)
+            if "relay" in only:
+                results["relay_2_workers_per_s"] = bench.relay_rate(args.events, 2)
+            if "latency" in only:
+                results["latency"] = bench.latency(args.rate, args.seconds)
+                results["idle_latency"] = bench.latency(5, 8.0, writers=1)
+            if "writers" in only:
+                writers = bench.writers(args.writers, args.writer_seconds)
+                results["writers_commits_per_s"] = writers
+                results["writers_ratio_on_off"] = round(writers["on"] / writers["off"], 3)
+            if "retention" in only:
+                results["retention_deleted_per_s"] = bench.retention_rate(args.events)
+            if "guide" in only:
+                results["guide_loop_without_sleep_per_s"] = bench.guide_rate(args.guide_events)
+                bench.fill_backlog(args.guide_events)
+                results["guide_loop_as_written_per_s"] = bench.guide_as_written(args.guide_rounds)
+        finally:
+            bench.close()
+    print(json.dumps(results))
+    return 0
 
 
 def progress(name: str, value):
@@ -475,7 +506,11 @@ def main() -> int:
     parser.add_argument("--writer-seconds", type=float, default=5.0, help="length of each commit throughput run")
     parser.add_argument("--guide-events", type=int, default=5000, help="backlog for the guide's loop")
     parser.add_argument("--guide-rounds", type=int, default=3, help="rounds of the guide's loop as written (10 s apart)")
+    parser.add_argument("--only", help="comma-separated subset: raw,relay,latency,writers,retention,guide")
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None:
+        return run_subset(args, only)
 
     with tempfile.TemporaryDirectory() as folder:
         project = render(Path(folder))
