@@ -109,8 +109,9 @@ def commit_rows(project: str, environ: dict, mode: str, seconds: float, barrier)
     """A writer process: commits as fast as it can for `seconds`; the number of commits.
 
     mode "off": one row per transaction; "on": the row and its outbox event,
-    then the service's after-commit wake-up; "notify": the row, the event and
-    a pg_notify inside the transaction (the old design, for reference).
+    then the service's after-commit wake-up; "event": the row and the event,
+    no wake-up (what the event row alone costs); "notify": the row, the event
+    and a pg_notify inside the transaction (the old design, for reference).
     """
     os.environ.update(environ)
     sys.path.insert(0, project)
@@ -349,7 +350,7 @@ class Bench:
         self.purge_sink()
         return rate
 
-    def writers(self, processes: int, seconds: float, modes=("off", "on", "notify")) -> dict[str, float]:
+    def writers(self, processes: int, seconds: float, modes=("off", "event", "on", "notify")) -> dict[str, float]:
         """Commits/s of `processes` concurrent writer processes per mode (see commit_rows)."""
         from sqlalchemy import text
 
@@ -564,8 +565,9 @@ def main() -> int:
         )
     print(
         f"  {args.writers} writers, commits/s: outbox off {writers['off']:.0f}, on {writers['on']:.0f} "
-        f"({writers['on'] / writers['off']:.0%}; target >= 90%), old in-transaction pg_notify "
-        f"{writers['notify']:.0f} ({writers['notify'] / writers['off']:.0%})"
+        f"({writers['on'] / writers['off']:.0%}; target >= 90%), event row without wake-up "
+        f"{writers['event']:.0f}, old in-transaction pg_notify {writers['notify']:.0f} "
+        f"({writers['notify'] / writers['off']:.0%})"
     )
     print(f"  retention: {retention:8.0f} processed events deleted/s (target >= 10,000)")
     print(f"  guide's loop, no sleep                   {guide:8.1f} events/s  ({best_relay / guide:.0f}x slower than the relay)")
