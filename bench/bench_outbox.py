@@ -36,6 +36,7 @@ in the running Python. The database is emptied: give it a scratch one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -104,12 +105,13 @@ def write_events(project: str, environ: dict, rate: float, seconds: float, start
 WRITE_TABLE = "bench_writes"
 
 
-def commit_rows(project: str, environ: dict, mode: str, seconds: float, start_at: float) -> int:
+def commit_rows(project: str, environ: dict, mode: str, seconds: float, barrier) -> int:
     """A writer process: commits as fast as it can for `seconds`; the number of commits.
 
     mode "off": one row per transaction; "on": the row and its outbox event,
-    then the service's after-commit wake-up; "notify": the row, the event and
-    a pg_notify inside the transaction (the old design, for reference).
+    then the service's after-commit wake-up; "event": the row and the event,
+    no wake-up (what the event row alone costs); "notify": the row, the event
+    and a pg_notify inside the transaction (the old design, for reference).
     """
     os.environ.update(environ)
     sys.path.insert(0, project)
@@ -126,10 +128,8 @@ def commit_rows(project: str, environ: dict, mode: str, seconds: float, start_at
     notify = text("SELECT pg_notify(:channel, '')")
     commits = 0
     with engine.connect() as connection:
-        delay = start_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        end = start_at + seconds
+        barrier.wait()  # every writer connected: they all start now
+        end = time.monotonic() + seconds
         while time.monotonic() < end:
             with connection.begin():
                 connection.execute(row, {"payload": "x" * 100})
@@ -193,30 +193,37 @@ class Bench:
         self.amqp_url = amqp_url
         self.sink = self.bind_sink_queue()
 
-    def bind_sink_queue(self):
-        """A queue on the exchange, so published messages are really routed and stored."""
+    @contextlib.contextmanager
+    def sink_channel(self):
+        """A short-lived broker channel: a BlockingConnection left idle through a long run misses heartbeats."""
         import pika
 
         connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
-        channel = connection.channel()
-        channel.exchange_declare(self.exchange, "topic", durable=True)
-        # Durable, so confirms wait for the disk as they would for a real consumer's
-        # queue; bounded like a queue with a live consumer (old messages dropped).
-        queue = channel.queue_declare(
-            f"{self.exchange}-sink", durable=True, arguments={"x-max-length": 10_000}
-        ).method.queue
-        channel.queue_bind(queue, self.exchange, "#")
-        return connection, channel, queue
+        try:
+            yield connection.channel()
+        finally:
+            connection.close()
+
+    def bind_sink_queue(self) -> str:
+        """A queue on the exchange, so published messages are really routed and stored."""
+        with self.sink_channel() as channel:
+            channel.exchange_declare(self.exchange, "topic", durable=True)
+            # Durable, so confirms wait for the disk as they would for a real consumer's
+            # queue; bounded like a queue with a live consumer (old messages dropped).
+            queue = channel.queue_declare(
+                f"{self.exchange}-sink", durable=True, arguments={"x-max-length": 10_000}
+            ).method.queue
+            channel.queue_bind(queue, self.exchange, "#")
+        return queue
 
     def purge_sink(self) -> None:
-        _, channel, queue = self.sink
-        channel.queue_purge(queue)
+        with self.sink_channel() as channel:
+            channel.queue_purge(self.sink)
 
     def close(self) -> None:
-        connection, channel, queue = self.sink
-        channel.queue_delete(queue)
-        channel.exchange_delete(self.exchange)
-        connection.close()
+        with self.sink_channel() as channel:
+            channel.queue_delete(self.sink)
+            channel.exchange_delete(self.exchange)
         self.state.close()
 
     # -- data ------------------------------------------------------------------
@@ -344,7 +351,7 @@ class Bench:
         self.purge_sink()
         return rate
 
-    def writers(self, processes: int, seconds: float, modes=("off", "on", "notify")) -> dict[str, float]:
+    def writers(self, processes: int, seconds: float, modes=("off", "event", "on", "notify")) -> dict[str, float]:
         """Commits/s of `processes` concurrent writer processes per mode (see commit_rows)."""
         from sqlalchemy import text
 
@@ -357,9 +364,8 @@ class Bench:
             for mode in modes:
                 with self.app.app_context(), self.db.engine.begin() as connection:
                     connection.execute(text(f"TRUNCATE {WRITE_TABLE}, outbox_events"))
-                start_at = time.monotonic() + 2.0
                 futures = [
-                    pool.submit(commit_rows, self.project, dict(os.environ), mode, seconds, start_at)
+                    pool.submit(commit_rows, self.project, dict(os.environ), mode, seconds, barrier)
                     for _ in range(processes)
                 ]
                 rates[mode] = sum(future.result() for future in futures) / seconds
@@ -447,9 +453,48 @@ def warm_up(project: str, barrier) -> None:
     """Import what a writer needs, then wait until every process of the pool has."""
     sys.path.insert(0, project)
     import common_utils.outbox.relay  # noqa: F401
+    import config  # noqa: F401
     import sqlalchemy  # noqa: F401
 
     barrier.wait()
+
+
+def run_subset(args, only: set[str]) -> int:
+    """Run some measurements only (to repeat one); prints them as JSON."""
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        project = render(Path(folder))
+        sys.path.insert(0, str(project))
+        os.chdir(project)
+        bench = Bench(project, args.database_url, args.amqp_url)
+        try:
+            if "raw" in only:
+                results["raw_claim_2_workers_per_s"] = bench.raw_rate(args.events, 2)
+                results["raw_publish_per_s"] = bench.raw_publish_rate(args.events)
+            if "relay" in only:
+                results["relay_2_workers_per_s"] = bench.relay_rate(args.events, 2)
+            if "latency" in only:
+                results["latency"] = bench.latency(args.rate, args.seconds)
+                results["idle_latency"] = bench.latency(5, 8.0, writers=1)
+            if "writers" in only:
+                writers = bench.writers(args.writers, args.writer_seconds)
+                results["writers_commits_per_s"] = writers
+                results["writers_ratio_on_off"] = round(writers["on"] / writers["off"], 3)
+            if "retention" in only:
+                results["retention_deleted_per_s"] = bench.retention_rate(args.events)
+            if "guide" in only:
+                results["guide_loop_without_sleep_per_s"] = bench.guide_rate(args.guide_events)
+                bench.fill_backlog(args.guide_events)
+                results["guide_loop_as_written_per_s"] = bench.guide_as_written(args.guide_rounds)
+        finally:
+            bench.close()
+    print(json.dumps(results))
+    return 0
+
+
+def progress(name: str, value):
+    print(f"[bench] {name}: {value}", file=sys.stderr, flush=True)
+    return value
 
 
 def main() -> int:
@@ -463,7 +508,11 @@ def main() -> int:
     parser.add_argument("--writer-seconds", type=float, default=5.0, help="length of each commit throughput run")
     parser.add_argument("--guide-events", type=int, default=5000, help="backlog for the guide's loop")
     parser.add_argument("--guide-rounds", type=int, default=3, help="rounds of the guide's loop as written (10 s apart)")
+    parser.add_argument("--only", help="comma-separated subset: raw,relay,latency,writers,retention,guide")
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None:
+        return run_subset(args, only)
 
     with tempfile.TemporaryDirectory() as folder:
         project = render(Path(folder))
@@ -471,16 +520,16 @@ def main() -> int:
         os.chdir(project)  # Flask-Migrate finds migrations/ from here
         bench = Bench(project, args.database_url, args.amqp_url)
         try:
-            raw = {workers: bench.raw_rate(args.events, workers) for workers in (1, 2)}
-            raw_publish = bench.raw_publish_rate(args.events)
-            relay = {workers: bench.relay_rate(args.events, workers) for workers in (1, 2)}
-            latency = bench.latency(args.rate, args.seconds)
-            idle = bench.latency(5, 8.0, writers=1)
-            writers = bench.writers(args.writers, args.writer_seconds)
-            retention = bench.retention_rate(args.events)
-            guide = bench.guide_rate(args.guide_events)
+            raw = {workers: progress(f"raw claim, {workers} worker(s)", bench.raw_rate(args.events, workers)) for workers in (1, 2)}
+            raw_publish = progress("raw publish", bench.raw_publish_rate(args.events))
+            relay = {workers: progress(f"relay, {workers} worker(s)", bench.relay_rate(args.events, workers)) for workers in (1, 2)}
+            latency = progress("latency", bench.latency(args.rate, args.seconds))
+            idle = progress("idle latency", bench.latency(5, 8.0, writers=1))
+            writers = progress("writers", bench.writers(args.writers, args.writer_seconds))
+            retention = progress("retention", bench.retention_rate(args.events))
+            guide = progress("guide, no sleep", bench.guide_rate(args.guide_events))
             bench.fill_backlog(args.guide_events)
-            guide_written = bench.guide_as_written(args.guide_rounds)
+            guide_written = progress("guide as written", bench.guide_as_written(args.guide_rounds))
         finally:
             bench.close()
 
@@ -517,8 +566,9 @@ def main() -> int:
         )
     print(
         f"  {args.writers} writers, commits/s: outbox off {writers['off']:.0f}, on {writers['on']:.0f} "
-        f"({writers['on'] / writers['off']:.0%}; target >= 90%), old in-transaction pg_notify "
-        f"{writers['notify']:.0f} ({writers['notify'] / writers['off']:.0%})"
+        f"({writers['on'] / writers['off']:.0%}; target >= 90%), event row without wake-up "
+        f"{writers['event']:.0f}, old in-transaction pg_notify {writers['notify']:.0f} "
+        f"({writers['notify'] / writers['off']:.0%})"
     )
     print(f"  retention: {retention:8.0f} processed events deleted/s (target >= 10,000)")
     print(f"  guide's loop, no sleep                   {guide:8.1f} events/s  ({best_relay / guide:.0f}x slower than the relay)")

@@ -92,20 +92,29 @@ def test_the_relay_command_killed_mid_stream_loses_nothing_and_keeps_order(app, 
     app_file.write_text(RELAY_APP)
     log = tmp_path / "delivered.log"
 
+    started: list[subprocess.Popen] = []
     kills = []
-    for _ in range(2):
-        process = start_relay(app_file, log, database_url)
-        delivered_while_running(process, log, len(deliveries(log)) + KILL_AFTER)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(10) == -signal.SIGKILL
-        kills.append(len(deliveries(log)))
-        assert kills[-1] < TOTAL, f"the kill landed after the stream ended: {kills}"
+    try:
+        for _ in range(2):
+            process = start_relay(app_file, log, database_url)
+            started.append(process)
+            delivered_while_running(process, log, len(deliveries(log)) + KILL_AFTER)
+            process.send_signal(signal.SIGKILL)
+            assert process.wait(10) == -signal.SIGKILL
+            kills.append(len(deliveries(log)))
+            assert kills[-1] < TOTAL, f"the kill landed after the stream ended: {kills}"
 
-    final = start_relay(app_file, log, database_url)
-    wait_until(lambda: count_pending(writer) == 0, timeout=30, what="the backlog to drain")
-    assert final.poll() is None, "the relay must still be running, not exited"
-    final.send_signal(signal.SIGTERM)
-    assert final.wait(10) == 0
+        final = start_relay(app_file, log, database_url)
+        started.append(final)
+        wait_until(lambda: count_pending(writer) == 0, timeout=30, what="the backlog to drain")
+        assert final.poll() is None, "the relay must still be running, not exited"
+        final.send_signal(signal.SIGTERM)
+        assert final.wait(10) == 0
+    finally:
+        for process in started:  # none outlives the test, whatever failed
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
 
     delivered = deliveries(log)
     counts = Counter(event_id for event_id, _, _ in delivered)
