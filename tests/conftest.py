@@ -38,6 +38,8 @@ LANES_KEY = pytest.StashKey()
 #: a boolean, another port, and the other Python versions (the matrix keeps the first).
 EDGE_ANSWERS = [
     {**defaults(), "use_kubernetes": True, "service_name": "On", "service_port": "8443"},
+    # A resource whose class sorts after the shared schemas: imports stay in ruff's order.
+    {**defaults(), "resource_name": "warehouse_line_item", "resource_plural": "warehouse_line_items"},
     *({**defaults(), "python_version": version} for version in cookiecutter_json()["python_version"][1:]),
 ]
 

@@ -30,10 +30,10 @@ from app.errors import ErrorResponseSchema
 from app.extensions import db
 from app.models import {{ cookiecutter.__resource_class }}
 from app.schemas import (
-    {{ cookiecutter.__resource_class }}PageSchema,
-    {{ cookiecutter.__resource_class }}Schema,
-    {{ cookiecutter.__resource_class }}UpdateSchema,
-    PaginationQuerySchema,
+{%- set resource_class = cookiecutter.__resource_class %}
+{%- for name in [resource_class ~ "PageSchema", resource_class ~ "Schema", resource_class ~ "UpdateSchema", "PaginationQuerySchema"] | sort %}
+    {{ name }},
+{%- endfor %}
 )
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
