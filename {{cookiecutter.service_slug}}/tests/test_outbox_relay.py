@@ -19,7 +19,6 @@ from sqlalchemy import event, select, text
 from app.events import processor
 from app.extensions import db
 from common_utils.outbox import FAILED, PENDING, PROCESSED, OutboxEvent, event_values, utcnow
-from common_utils.outbox.heartbeat import OutboxRelay
 from common_utils.outbox.relay import OutboxSettings
 from tests.outbox_support import registered_handler, wait_until
 
@@ -319,6 +318,8 @@ def test_the_relay_loop_survives_any_exception(relay_app):
 
 def test_a_malformed_amqp_url_is_logged_and_retried_not_fatal(app, make_app):
     """The RabbitMQ transport cannot even be built: the loop records the error and keeps going."""
+    from common_utils.outbox.heartbeat import OutboxRelay
+
     built = make_app(OUTBOX_TRANSPORT="rabbitmq", AMQP_URL="amqp://guest:guest@127.0.0.1:notaport/%2F")
     state = built.extensions["outbox"]
     write(built, [("a", 0)])
