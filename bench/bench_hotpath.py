@@ -161,11 +161,14 @@ def project_venv(project: Path) -> Path:
     if not (venv / ".installed").exists():
         shutil.rmtree(venv, ignore_errors=True)
         print(f"building {venv} ...", flush=True)
-        subprocess.run([python, "-m", "venv", str(venv)], check=True)
-        subprocess.run(
-            [str(venv / "bin" / "pip"), "install", "--quiet", "-r", str(project / "requirements.txt")],
-            check=True,
-        )
+        uv = shutil.which("uv") or shutil.which("uv", path=str(Path(sys.executable).parent))
+        if uv:  # much faster than pip, when the template's venv has it
+            subprocess.run([uv, "venv", "--quiet", "-p", python, str(venv)], check=True)
+            install = [uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python")]
+        else:
+            subprocess.run([python, "-m", "venv", str(venv)], check=True)
+            install = [str(venv / "bin" / "pip"), "install", "--quiet"]
+        subprocess.run([*install, "-r", str(project / "requirements.txt")], check=True)
         (venv / ".installed").touch()
     return venv
 
