@@ -428,7 +428,7 @@ class Tracer:
     def _instrument_engines(app: Flask, state: TracingState) -> None:
         """Trace the SQL of this app's own engines (never every engine in the process)."""
         sqlalchemy = app.extensions.get("sqlalchemy")
-        if sqlalchemy is None:
+        if sqlalchemy is None or not app.config.get("TRACING_SQL_SPANS", True):
             return
         with app.app_context():
             engines = list(sqlalchemy.engines.values())

@@ -257,6 +257,13 @@ def test_sampled_requests_keep_their_sql_spans(traced, collection_url, monkeypat
     assert {span.context.trace_id for span in sql} == {server_spans(spans)[0].context.trace_id}
 
 
+def test_sql_spans_can_be_switched_off(traced, collection_url):
+    """TRACING_SQL_SPANS=false: the request span only, no span per statement."""
+    app, spans = traced(TRACING_SQL_SPANS=False)
+    assert app.test_client().get(collection_url).status_code == 200
+    assert [span.kind for span in spans.get_finished_spans()] == [SpanKind.SERVER]
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
