@@ -183,7 +183,9 @@ def test_one_redis_round_trip_per_request(make_app, collection_url, monkeypatch)
     if not url:
         skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
     prefix = f"test-{uuid.uuid4().hex}"
-    app = make_app(RATELIMIT_DEFAULT="5 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix)
+    app = make_app(
+        RATELIMIT_DEFAULT="5 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix
+    )
     redis = app.extensions["rate_limiting"].storage.get_connection()
     sent = []
     execute = redis.execute_command

@@ -240,7 +240,9 @@ def test_unsampled_requests_start_no_sql_spans(traced, collection_url, monkeypat
     sql_tracer = tracer.state(app).tracer(tracing.SQLALCHEMY_SCOPE)
     started = []
     start_span = sql_tracer.start_span
-    monkeypatch.setattr(sql_tracer, "start_span", lambda *a, **k: started.append(a) or start_span(*a, **k))
+    monkeypatch.setattr(
+        sql_tracer, "start_span", lambda *a, **k: started.append(a) or start_span(*a, **k)
+    )
 
     assert app.test_client().get(collection_url).status_code == 200
     assert spans.get_finished_spans() == ()

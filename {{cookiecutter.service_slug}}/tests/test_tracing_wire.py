@@ -154,7 +154,9 @@ def test_requests_do_not_wait_for_a_hanging_export(make_app, collection_url, mon
         assert client.get(collection_url).status_code == 200
         assert exporter.exporting.wait(10), "the batch was never exported"
         served = []
-        serving = threading.Thread(target=lambda: served.extend(client.get(collection_url).status_code for _ in range(20)))
+        serving = threading.Thread(
+            target=lambda: served.extend(client.get(collection_url).status_code for _ in range(20))
+        )
         serving.start()
         serving.join(10)  # a request waiting for the export would wait for release (30 s)
         assert served == [200] * 20
