@@ -217,7 +217,8 @@ def drops_children_of_unsampled(provider: TracerProvider) -> bool:
     True for every parent-based sampler OTEL_TRACES_SAMPLER can name (the default among them).
     """
     sampler = provider.sampler
-    return isinstance(sampler, ParentBased) and "localParentNotSampled:AlwaysOffSampler" in sampler.get_description()
+    description = sampler.get_description()
+    return isinstance(sampler, ParentBased) and "localParentNotSampled:AlwaysOffSampler" in description
 
 
 class ParentAwareEngineTracer(EngineTracer):
