@@ -109,6 +109,7 @@ class Bench:
         os.environ.update(
             DATABASE_URL=database_url,
             AMQP_URL=amqp_url,
+            ENVIRONMENT="development",  # unset would be production, which refuses local defaults
             TRACING_ENABLED="false",
             OTEL_TRACES_EXPORTER="none",
             METRICS_ENABLED="false",

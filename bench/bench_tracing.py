@@ -85,6 +85,7 @@ def base_env(project: Path, root: Path) -> dict:
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMETHEUS_"))},
         "DATABASE_URL": f"sqlite:///{root / 'bench.db'}",
+        "ENVIRONMENT": "development",  # unset would be production, which refuses local defaults
         "LOG_LEVEL": "WARNING",  # the access log would dominate: it is the same either way
         "AUTO_REGISTER_SERVICE": "false",
         "RATELIMIT_ENABLED": "false",

@@ -71,8 +71,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         name="core",
         tables=("resource",),
-        # Local-only defaults: with ENVIRONMENT=production the service refuses
-        # to start until SECRET_KEY (or SECRET_KEY_FILE) is a real secret.
+        # docker compose is the laptop stack: ENVIRONMENT=development with the
+        # local-only secrets below. Any other ENVIRONMENT is production, which
+        # refuses to start until every credential is real (README, Security).
         environment={
             "ENVIRONMENT": "${ENVIRONMENT:-development}",
             "SECRET_KEY": "${SECRET_KEY:-insecure-local-only}",

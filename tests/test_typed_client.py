@@ -67,6 +67,7 @@ def service(cookies_session, tmp_path_factory):
     env = {key: value for key, value in os.environ.items() if not key.startswith(("TEST_", "DATABASE_URL"))}
     env.update(
         DATABASE_URL=f"sqlite:///{data / 'service.db'}",
+        ENVIRONMENT="development",  # unset is production, which refuses the local defaults
         FLASK_APP="main.py",
         # No Consul, Jaeger or broker is needed to serve the API: keep the log about the API.
         AUTO_REGISTER_SERVICE="false",

@@ -33,8 +33,14 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
+#: The only ENVIRONMENT values (any case) where the local defaults below apply.
+#: Anything else, unset included, is production: a forgotten variable fails
+#: closed, as a deployment that never said "development" is treated as a real one.
+LOCAL_ENVIRONMENTS = frozenset({"development", "test"})
 #: SECRET_KEY when nothing sets it: good enough on a laptop, refused in production.
 LOCAL_ONLY_SECRET_KEY = "insecure-local-only"  # noqa: S105
+#: Shortest SECRET_KEY production accepts (`secrets.token_urlsafe(48)` gives 64).
+MIN_SECRET_KEY_LENGTH = 32
 #: Credentials that only belong on a laptop: the defaults here and in
 #: docker-compose.yml, and the placeholders of .env.example.
 PLACEHOLDER_SECRETS = frozenset({LOCAL_ONLY_SECRET_KEY, "change-me", "app", "guest", "root"})
@@ -79,7 +85,10 @@ class Config:
         # A local .env (copied from .env.example) fills in what the real
         # environment leaves unset; it never overrides a set variable.
         env.read_env(BASE_DIR / ".env", recurse=False)
-        self.ENVIRONMENT = env.str("ENVIRONMENT", "development")
+        given = env.str("ENVIRONMENT", "")
+        self.environment_source = f"ENVIRONMENT={given}" if given.strip() else "ENVIRONMENT unset"
+        self.ENVIRONMENT = given.strip() or "production"
+        self.IS_LOCAL = self.ENVIRONMENT.lower() in LOCAL_ENVIRONMENTS
         self.SERVICE_NAME = env.str("SERVICE_NAME", {{ cookiecutter.service_slug | py_string }})
         self.SERVICE_VERSION = env.str("SERVICE_VERSION", "0.1.0")
         self.SERVICE_PORT = env.int("SERVICE_PORT", {{ cookiecutter.service_port }})
@@ -122,6 +131,10 @@ class Config:
         self.HTTP_CLIENT_READ_TIMEOUT = env.float("HTTP_CLIENT_READ_TIMEOUT", 5.0)
         self.HTTP_CLIENT_RETRIES = env.int("HTTP_CLIENT_RETRIES", 2)
         self.HTTP_CLIENT_BACKOFF = env.float("HTTP_CLIENT_BACKOFF", 0.2)
+        # One call's whole budget: lookups, attempts and the waits between them.
+        self.HTTP_CLIENT_DEADLINE = env.float("HTTP_CLIENT_DEADLINE", 10.0)
+        # A downstream's Retry-After longer than this ends the call instead of being waited for.
+        self.HTTP_CLIENT_MAX_RETRY_AFTER = env.float("HTTP_CLIENT_MAX_RETRY_AFTER", 5.0)
 {%- endif %}
 {%- if cookiecutter.use_rate_limiting %}
 
@@ -130,6 +143,8 @@ class Config:
         # Creating, changing and deleting cost more than reading: a tighter limit.
         self.RATELIMIT_WRITE = env.str("RATELIMIT_WRITE", "60 per minute")
         self.RATELIMIT_STORAGE_URI = self.secret(env, "RATELIMIT_STORAGE_URI", "memory://")
+        # Seconds a connect or a reply of the Redis storage may take (common_utils/rate_limiting.py).
+        self.RATELIMIT_STORAGE_TIMEOUT = env.float("RATELIMIT_STORAGE_TIMEOUT", 0.25)
         self.RATELIMIT_KEY_PREFIX = env.str("RATELIMIT_KEY_PREFIX", self.SERVICE_NAME)
 {%- endif %}
 {%- if cookiecutter.use_service_registry %}
@@ -208,7 +223,7 @@ class Config:
         self.OPENAPI_URL_PREFIX = "/api"
         self.OPENAPI_JSON_PATH = "openapi.json"
 
-        if self.ENVIRONMENT == "production":
+        if not self.IS_LOCAL:
             self.refuse_local_secrets()
 
     def secret(self, env: Env, name: str, default: str = "") -> str:
@@ -218,14 +233,40 @@ class Config:
         return value
 
     def refuse_local_secrets(self) -> None:
-        """Stop start-up when SECRET_KEY is missing or any credential is a local-only default."""
-        if self.secrets.get("SECRET_KEY", "") in ("", LOCAL_ONLY_SECRET_KEY):
-            raise InsecureConfigError(
-                "SECRET_KEY is not set: in production set SECRET_KEY or SECRET_KEY_FILE"
-            )
+        """Stop a production start-up naming every credential that is missing, weak or a local default."""
+        problems = []
         for name, value in self.secrets.items():
-            if value in PLACEHOLDER_SECRETS or url_password(value) in PLACEHOLDER_SECRETS:
-                raise InsecureConfigError(
-                    f"{name} is a local-only default or placeholder: in production set "
-                    f"{name} or {name}_FILE to a real secret"
-                )
+            problem = weakness(name, value)
+            if problem:
+                problems.append(f"{name} {problem}")
+        if getattr(self, "RATELIMIT_ENABLED", False) and self.RATELIMIT_STORAGE_URI.startswith("memory://"):
+            problems.append(
+                "RATELIMIT_STORAGE_URI is memory:// (counters per process, so each worker and "
+                "replica would allow the full limit: use a shared redis://)"
+            )
+        if problems:
+            raise InsecureConfigError(
+                f"Refusing to start with {self.environment_source} (anything but development or "
+                f"test is production): {'; '.join(problems)}. Set each one (or <NAME>_FILE)."
+            )
+
+
+def weakness(name: str, value: str) -> str:
+    """What is wrong with credential `name` in production, or "" when nothing is."""
+    if name == "SECRET_KEY":
+        if not value:
+            return "is not set"
+        if value == LOCAL_ONLY_SECRET_KEY:
+            return "is not set (only the local-only default)"
+        if value in PLACEHOLDER_SECRETS:
+            return "is a local-only default or placeholder"
+        if len(value) < MIN_SECRET_KEY_LENGTH:
+            return f"is too short ({len(value)} characters, at least {MIN_SECRET_KEY_LENGTH})"
+        return ""
+    if name == "DATABASE_URL" and normalise_database_url(value) == DEFAULT_DATABASE_URL:
+        return "is not set (the local SQLite file is for development)"
+    if value in PLACEHOLDER_SECRETS:
+        return "is a local-only default or placeholder"
+    if url_password(value) in PLACEHOLDER_SECRETS:
+        return "has a local-only password (a default or placeholder)"
+    return ""

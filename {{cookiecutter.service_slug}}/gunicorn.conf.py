@@ -19,9 +19,11 @@ wsgi_app = "main:app"
 
 # Workers are separate processes: counters go to files in this folder and
 # /metrics adds them up. It must be set before prometheus_client is first
-# imported, hence the imports inside the hooks below.
+# imported, hence the imports inside the hooks below. One folder per port, so
+# two instances on one host never share (and empty) each other's.
 os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempdir(), "{{ cookiecutter.service_slug }}-metrics")
+    "PROMETHEUS_MULTIPROC_DIR",
+    os.path.join(tempfile.gettempdir(), f"{{ cookiecutter.service_slug }}-metrics-{bind.rsplit(':', 1)[1]}"),
 )
 
 

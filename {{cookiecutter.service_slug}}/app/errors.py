@@ -3,6 +3,10 @@
 Clients can switch on `code` (stable, snake_case), show `message` to people
 and find field-level problems in `details`. No error is ever an HTML page,
 and bad input is always a 4xx: only a bug in the service gives a 500.
+
+A 5xx tells the caller its code and a generic message only: what went wrong
+inside (a host name, an address, an exception's text) goes to the log, where
+the request id joins it to the answer, never into the response.
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ ERROR_CODES = {
     422: "validation_error",
     429: "rate_limited",
     500: "internal_error",
+    502: "bad_gateway",
     503: "service_unavailable",
+    504: "gateway_timeout",
+}
+# What a caller is told about a server-side failure, whatever the exception said.
+GENERIC_MESSAGES = {
+    502: "A service this one depends on gave an invalid answer.",
+    503: "The service is unavailable for now; try again later.",
+    504: "A service this one depends on did not answer in time.",
 }
 
 
@@ -68,7 +80,14 @@ def handle_http_exception(error: HTTPException) -> Response:
         code, message = "malformed_json", "The request body is not valid JSON."
     if error.code == 422 and "message" not in data:
         message = "The request did not pass validation."
-    body, status = error_response(error.code or 500, message, details, code)
+    status = error.code or 500
+    if status >= 500:
+        logger.warning("Answering %s %s: %s (details: %s)", status, code or ERROR_CODES.get(status), message, details)
+        message = GENERIC_MESSAGES.get(status, InternalServerError.description)
+        # Details of a server error can hold internals too: only the name of the
+        # dependency at fault, which this service's own errors put there, is kept.
+        details = {key: value for key, value in details.items() if key == "service"}
+    body, status = error_response(status, message, details, code)
     response = error.get_response()
     response.set_data(body.get_data())
     response.content_type = "application/json"

@@ -38,6 +38,7 @@ CORS_EXPOSED_HEADERS = [
     "API-Version",
     "Deprecation",
     "Sunset",
+    "Link",
 ]
 
 

@@ -103,8 +103,9 @@ class CircuitBreaker:
         self._probes = 0  # probes admitted in the current half-open period
         self._half_open_period = 0  # bumped each time the breaker turns half-open
         factory = factory or SyncCircuitBreakerFactory()
+        self.exclude = frozenset(exclude)
         self._breaker = factory.get_breaker(
-            name, threshold=failure_threshold, ttl=recovery_timeout, exclude=list(exclude)
+            name, threshold=failure_threshold, ttl=recovery_timeout, exclude=list(self.exclude)
         )
         self._context = self._breaker.context
 
@@ -207,16 +208,30 @@ class BreakerRegistry:
     factory: SyncCircuitBreakerFactory = field(default_factory=SyncCircuitBreakerFactory)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def get(self, name: str, exclude: Iterable[type[BaseException]] = ()) -> CircuitBreaker:
+    def get(self, name: str, exclude: Iterable[type[BaseException]] | None = None) -> CircuitBreaker:
+        """The breaker called `name`, created on first use with `exclude` (none when not given).
+
+        One downstream has one breaker, so what counts as its failure is decided
+        once: asking again with a different `exclude` is refused rather than
+        silently handed the first caller's breaker. Without `exclude` the
+        existing breaker is returned as it is.
+        """
+        wanted = None if exclude is None else frozenset(exclude)
         with self.lock:
             breaker = self.breakers.get(name)
+            if breaker is not None and wanted is not None and wanted != breaker.exclude:
+                raise ValueError(
+                    f"Circuit breaker {name!r} already exists with exclude={describe(breaker.exclude)}; "
+                    f"it cannot be used with exclude={describe(wanted)}: use one exclude for one "
+                    "downstream, or give the breaker another name"
+                )
             if breaker is None:
                 breaker = CircuitBreaker(
                     name,
                     failure_threshold=self.failure_threshold,
                     recovery_timeout=self.recovery_timeout,
                     half_open_max_calls=self.half_open_max_calls,
-                    exclude=exclude,
+                    exclude=wanted or (),
                     enabled=self.enabled,
                     factory=self.factory,
                     on_state_change=self.on_state_change,
@@ -267,9 +282,13 @@ class CircuitBreakers:
         return (app or current_app).extensions[EXTENSION_KEY]
 
     def get(
-        self, name: str, app: Flask | None = None, exclude: Iterable[type[BaseException]] = ()
+        self, name: str, app: Flask | None = None, exclude: Iterable[type[BaseException]] | None = None
     ) -> CircuitBreaker:
         return self.registry(app).get(name, exclude)
+
+
+def describe(exclude: frozenset[type[BaseException]]) -> str:
+    return "(" + ", ".join(sorted(kind.__name__ for kind in exclude)) + ")"
 
 
 def state_gauge(app: Flask) -> Callable[[CircuitBreaker, str], None] | None:

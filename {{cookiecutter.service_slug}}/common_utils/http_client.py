@@ -12,25 +12,39 @@ Every call made through a ServiceClient
 - is retried, with exponential backoff and jitter, at most HTTP_CLIENT_RETRIES
   times, and only when that cannot do harm: an idempotent method (GET, HEAD,
   OPTIONS, PUT, DELETE) that failed to connect, timed out or got a 502, 503 or
-  504. A POST or PATCH is sent once;
+  504. A POST or PATCH is sent once. A downstream's Retry-After (seconds or an
+  HTTP date) is waited for instead of the backoff when it is longer; one over
+  HTTP_CLIENT_MAX_RETRY_AFTER, or past the deadline, ends the call at once;
+- ends within one overall deadline, HTTP_CLIENT_DEADLINE (10 s), that covers
+  the address lookups, every attempt and every wait: each attempt's timeouts
+  are cut to the time left, no wait starts that would end past it, and when
+  it is spent the call fails with DownstreamTimeout;
+- carries no state from one call to the next: the shared connection pool
+  keeps no cookies (a downstream's Set-Cookie for one end user must never go
+  out with a call made for another);
 - carries the X-Request-ID of the request being served and, when OpenTelemetry
   is installed, the trace context (traceparent), so logs and traces join up;
 - fails with a DownstreamError subclass naming the service, which a view may
-  catch; one it lets through becomes a 502, 503 or 504 in the JSON error shape.
+  catch; one it lets through becomes a 502, 503 or 504 in the JSON error shape
+  (a downstream's 503 becomes this service's 503, its Retry-After passed on).
 """
 
 from __future__ import annotations
 
+import http.cookiejar
 import logging
+import math
 import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
 from flask import Flask, current_app, g, has_request_context
+from urllib3.util import Timeout
 
 from app.errors import error_response
 from common_utils.circuit_breaker import CircuitBreaker, CircuitBreakers, CircuitOpenError
@@ -60,10 +74,19 @@ class DownstreamError(Exception):
     status = 502
     code = "downstream_error"
 
-    def __init__(self, service: str, message: str, *, status_code: int | None = None, body: str = ""):
+    def __init__(
+        self,
+        service: str,
+        message: str,
+        *,
+        status_code: int | None = None,
+        body: str = "",
+        retry_after: float | None = None,
+    ):
         self.service = service
         self.status_code = status_code  # the downstream's HTTP status, when it answered
         self.body = body
+        self.retry_after = retry_after  # seconds the downstream asked callers to wait, if it did
         super().__init__(f"{service}: {message}")
 
 
@@ -87,12 +110,17 @@ class DownstreamCircuitOpen(DownstreamUnavailable):
     code = "downstream_circuit_open"
 
     def __init__(self, service: str, message: str, *, retry_after: float):
-        self.retry_after = retry_after
-        super().__init__(service, message)
+        super().__init__(service, message, retry_after=retry_after)
 
 
 class DownstreamServerError(DownstreamError):
-    """The service answered 5xx."""
+    """The service answered 5xx; a 503 ("unavailable for now") is passed on as this service's 503."""
+
+    def __init__(self, service: str, message: str, **kwargs: Any):
+        super().__init__(service, message, **kwargs)
+        if self.status_code == 503:
+            self.status = 503
+            self.code = DownstreamUnavailable.code
 
 
 class DownstreamClientError(DownstreamError):
@@ -107,6 +135,8 @@ class ClientSettings:
     read_timeout: float = 5.0
     retries: int = 2
     backoff: float = 0.2
+    deadline: float = 10.0
+    max_retry_after: float = 5.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ClientSettings:
@@ -115,12 +145,28 @@ class ClientSettings:
             read_timeout=config.get("HTTP_CLIENT_READ_TIMEOUT", cls.read_timeout),
             retries=config.get("HTTP_CLIENT_RETRIES", cls.retries),
             backoff=config.get("HTTP_CLIENT_BACKOFF", cls.backoff),
+            deadline=config.get("HTTP_CLIENT_DEADLINE", cls.deadline),
+            max_retry_after=config.get("HTTP_CLIENT_MAX_RETRY_AFTER", cls.max_retry_after),
         )
-        if settings.connect_timeout <= 0 or settings.read_timeout <= 0:
-            raise ValueError("HTTP_CLIENT_CONNECT_TIMEOUT and HTTP_CLIENT_READ_TIMEOUT must be > 0")
+        if min(settings.connect_timeout, settings.read_timeout, settings.deadline) <= 0:
+            raise ValueError(
+                "HTTP_CLIENT_CONNECT_TIMEOUT, HTTP_CLIENT_READ_TIMEOUT and HTTP_CLIENT_DEADLINE must be > 0"
+            )
+        if settings.max_retry_after < 0:
+            raise ValueError("HTTP_CLIENT_MAX_RETRY_AFTER must be >= 0")
         if settings.retries < 0 or settings.backoff < 0:
             raise ValueError("HTTP_CLIENT_RETRIES and HTTP_CLIENT_BACKOFF must be >= 0")
         return settings
+
+
+class RefuseAllCookies(http.cookiejar.DefaultCookiePolicy):
+    """No cookie is stored or sent: one session serves every end user of this service."""
+
+    def set_ok(self, cookie, request) -> bool:
+        return False
+
+    def return_ok(self, cookie, request) -> bool:
+        return False
 
 
 class ServiceClient:
@@ -135,6 +181,8 @@ class ServiceClient:
         configured_url: str | None = None,
         resolve: Resolver | None = None,
         app: Flask | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self.name = name
         self.breaker = breaker
@@ -142,7 +190,10 @@ class ServiceClient:
         self.configured_url = configured_url
         self._resolve = resolve
         self._app = app
+        self.clock = clock  # injectable, so tests can check the deadline without waiting it out
+        self.sleep = sleep
         self.session = requests.Session()
+        self.session.cookies.set_policy(RefuseAllCookies())
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("GET", path, **kwargs)
@@ -171,24 +222,56 @@ class ServiceClient:
         """Send `method path` (relative to the service's base URL); a 2xx or 3xx response, or DownstreamError."""
         method = method.upper()
         attempts = 1 + (self.settings.retries if method in IDEMPOTENT_METHODS else 0)
+        deadline = self.clock() + self.settings.deadline
         attempt = 1
         while True:
+            # The lookup's time counts against the deadline too.
             url = self.base_url().rstrip("/") + "/" + path.lstrip("/")
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise DownstreamTimeout(
+                    self.name, f"{method} {url}: the {self.settings.deadline} s deadline is spent"
+                )
             outgoing = self.outgoing_headers(headers)
+            timeout = Timeout(
+                connect=min(self.settings.connect_timeout, remaining),
+                read=min(self.settings.read_timeout, remaining),
+                total=remaining,  # connect and read together never outlast the deadline
+            )
             try:
-                return self.breaker.call(self._send, method, url, params, json, outgoing)
+                return self.breaker.call(self._send, method, url, params, json, outgoing, timeout)
             except CircuitOpenError as error:
                 raise DownstreamCircuitOpen(self.name, str(error), retry_after=error.retry_after) from error
             except DownstreamError as error:
                 if attempt >= attempts or not is_retryable(error):
                     raise
-                delay = self.backoff_delay(attempt)
+                delay = self.retry_delay(attempt, error)
+                if delay is None or self.clock() + delay >= deadline:
+                    logger.warning(
+                        "%s %s failed (%s); not retried: the wait it needs is past the deadline or "
+                        "HTTP_CLIENT_MAX_RETRY_AFTER",
+                        method, url, error,
+                    )
+                    raise
                 logger.warning(
                     "%s %s failed (%s); attempt %d of %d in %.2f s",
                     method, url, error, attempt + 1, attempts, delay,
                 )
-            time.sleep(delay)
+            self.sleep(delay)
             attempt += 1
+
+    def retry_delay(self, attempt: int, error: DownstreamError) -> float | None:
+        """The wait before the next attempt: the backoff, or the downstream's longer Retry-After.
+
+        None when the downstream asks for more than HTTP_CLIENT_MAX_RETRY_AFTER:
+        waiting that long inside one call helps nobody.
+        """
+        delay = self.backoff_delay(attempt)
+        if error.retry_after is None:
+            return delay
+        if error.retry_after > self.settings.max_retry_after:
+            return None
+        return max(delay, error.retry_after)
 
     def base_url(self) -> str:
         """The resolver's answer, else the configured URL, else DownstreamUnavailable."""
@@ -220,9 +303,8 @@ class ServiceClient:
         ceiling = min(self.settings.backoff * 2 ** (attempt - 1), MAX_BACKOFF)
         return random.uniform(0, ceiling)  # noqa: S311 (timing jitter, not cryptography)
 
-    def _send(self, method: str, url: str, params, json, headers) -> requests.Response:
+    def _send(self, method: str, url: str, params, json, headers, timeout: Timeout) -> requests.Response:
         """One HTTP exchange, its failures turned into DownstreamError (what the breaker counts)."""
-        timeout = (self.settings.connect_timeout, self.settings.read_timeout)
         try:
             response = self.session.request(
                 method, url, params=params, json=json, headers=headers, timeout=timeout
@@ -237,6 +319,7 @@ class ServiceClient:
                 f"{method} {url} answered {response.status_code}",
                 status_code=response.status_code,
                 body=response.text[:2000],
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
             )
         if response.status_code >= 400:
             raise DownstreamClientError(
@@ -246,6 +329,22 @@ class ServiceClient:
                 body=response.text[:2000],
             )
         return response
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(moment.timestamp() - time.time(), 0.0)
 
 
 def is_retryable(error: DownstreamError) -> bool:
@@ -323,6 +422,7 @@ def downstream_error_response(error: DownstreamError):
     response, status = error_response(
         error.status, f"The {error.service} service could not be used.", details, error.code
     )
-    if isinstance(error, DownstreamCircuitOpen):
-        response.headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    if status == 503 and error.retry_after is not None:
+        # An open breaker's time to its next probe, or the downstream's own Retry-After.
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return response, status

@@ -15,8 +15,15 @@
   runs, Redis in docker compose so every worker and replica shares them. If
   Redis cannot be reached, each process falls back to its own in-memory
   counters with a warning in the log, and returns to Redis once it answers
-  again (checked with backoff, at most every 32 s): limits get looser for a
-  while, requests never fail because of it.
+  again: limits get looser for a while, requests never fail because of it.
+- A Redis that hangs (accepts, never answers) costs a bounded time: every
+  connect and every reply waits at most RATELIMIT_STORAGE_TIMEOUT (0.25 s),
+  a failed command is not retried, and the request that finds Redis gone
+  waits at most twice (the limit check, then the headers) before the process
+  switches to memory. Flask-Limiter then re-checks Redis with one ping after
+  1, 2, 4, 8, 16 and 32 s (then again from 1 s): that one request waits at
+  most one timeout more. So: at most 2 x RATELIMIT_STORAGE_TIMEOUT on the
+  first request, at most 1 x at each re-check, nothing on the others.
 
 Each app gets its own Limiter (Flask-Limiter keeps its storage and limits
 on the Limiter object), so several apps in one process never share counters.
@@ -35,6 +42,8 @@ import time
 from flask import Flask, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
 from limits.storage import RedisStorage
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app.errors import error_response
 from common_utils.health import add_readiness_check
@@ -42,8 +51,7 @@ from common_utils.health import add_readiness_check
 EXTENSION_KEY = "rate_limiting"
 EXEMPT_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
 WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
-# A Redis that does not answer must cost a request a second at most, not hang it.
-REDIS_OPTIONS = {"socket_connect_timeout": 1, "socket_timeout": 1}
+DEFAULT_STORAGE_TIMEOUT = 0.25  # seconds; a healthy Redis answers in about a millisecond
 #: Prepended to redis:// URIs so that limits builds OneTripRedisStorage for them.
 ONE_TRIP_PREFIX = "one-trip+"
 #: Counts a hit (fixed window) and returns the new count with the window's remaining seconds.
@@ -97,6 +105,13 @@ class OneTripRedisStorage(RedisStorage):
     def get_expiry(self, key: str) -> float:
         expires_at = self._from_last_hit(key, "expiry")
         return super().get_expiry(key) if expires_at is None else expires_at
+
+
+def redis_options(timeout: float) -> dict:
+    """Each connect and each reply waits `timeout` at most, and a failed command is not retried."""
+    if timeout <= 0:
+        raise ValueError(f"RATELIMIT_STORAGE_TIMEOUT must be > 0, got {timeout}")
+    return {"socket_connect_timeout": timeout, "socket_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
 
 
 def client_address() -> str:
@@ -164,7 +179,11 @@ class RateLimiting:
             headers_enabled=True,
             retry_after="delta-seconds",
             in_memory_fallback_enabled=True,
-            storage_options=dict(REDIS_OPTIONS) if redis else {},
+            storage_options=redis_options(
+                app.config.get("RATELIMIT_STORAGE_TIMEOUT", DEFAULT_STORAGE_TIMEOUT)
+            )
+            if redis
+            else {},
         )
         limiter.request_filter(is_exempt)
         # after_request functions run last-registered first: remember the

@@ -8,8 +8,12 @@
 - `VersionedAPI().init_app(app, api)` then `register_version(version, blueprint)`
   registers each version; an unknown version is a JSON 404 listing the supported
   ones, and every response says which version served it (API-Version header).
-  Versions listed in DEPRECATED_API_VERSIONS (`v1=2027-06-30`, the sunset
-  date) also carry Deprecation, Sunset and successor Link headers.
+  Versions listed in DEPRECATED_API_VERSIONS (`v1=2026-01-15/2027-06-30`:
+  deprecated since / sunset, which may be left empty) also carry
+  `Deprecation: @<epoch>` (RFC 9745), `Sunset` (RFC 8594) and a
+  `Link: <...>; rel="successor-version"` to the same resource in the next
+  version up, when that version serves it. A Link the response already has
+  (pagination, say) is kept beside it.
 """
 
 from __future__ import annotations
@@ -56,11 +60,44 @@ def is_marked_latest(view) -> bool:
     return bool(getattr(view, "latest_version", False) or getattr(view_class, "latest_version", False))
 
 
+@dataclass(frozen=True)
+class Deprecation:
+    """When a version was (or will be) deprecated, and when it goes away, if decided."""
+
+    since: date
+    sunset: date | None = None
+
+    @classmethod
+    def parse(cls, version: str, value: str) -> Deprecation:
+        """`2026-01-15/2027-06-30`, or `2026-01-15/` while no sunset is decided.
+
+        The slash is required: a bare date used to mean the sunset, and reading
+        it as the deprecation date now would change its meaning silently.
+        """
+        since, slash, sunset = value.partition("/")
+        try:
+            deprecation = cls(date.fromisoformat(since), date.fromisoformat(sunset) if sunset else None)
+        except ValueError:
+            deprecation = None
+        if not slash:
+            deprecation = None
+        if deprecation is None or (deprecation.sunset and deprecation.sunset < deprecation.since):
+            raise ValueError(
+                f"DEPRECATED_API_VERSIONS: {version}={value} is not <deprecated since>/[<sunset>] "
+                f"with ISO dates, the sunset not before the deprecation (e.g. {version}=2026-01-15/2027-06-30)"
+            )
+        return deprecation
+
+    @staticmethod
+    def http_date(day: date) -> datetime:
+        return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
 @dataclass
 class VersioningState:
     api: Api
     latest: str
-    sunsets: dict[str, date | None]
+    deprecations: dict[str, Deprecation]
     versions: dict[str, str] = field(default_factory=dict)  # blueprint name -> version
 
 
@@ -72,12 +109,12 @@ class VersionedAPI:
             self.init_app(app, api)
 
     def init_app(self, app: Flask, api: Api) -> None:
-        sunsets = {
-            version: date.fromisoformat(value) if value else None
+        deprecations = {
+            version: Deprecation.parse(version, value)
             for version, value in app.config.get("DEPRECATED_API_VERSIONS", {}).items()
         }
         app.extensions[EXTENSION_KEY] = VersioningState(
-            api=api, latest=app.config["LATEST_API_VERSION"], sunsets=sunsets
+            api=api, latest=app.config["LATEST_API_VERSION"], deprecations=deprecations
         )
         app.before_request(self._route_unversioned_or_unknown)
         app.after_request(self._add_version_headers)
@@ -131,11 +168,26 @@ class VersionedAPI:
         if version is None:
             return response
         response.headers[VERSION_HEADER] = version
-        if version in state.sunsets:
-            response.headers["Deprecation"] = "true"
-            sunset = state.sunsets[version]
-            if sunset is not None:
-                moment = datetime(sunset.year, sunset.month, sunset.day, tzinfo=UTC)
-                response.headers["Sunset"] = format_datetime(moment, usegmt=True)
-            response.headers["Link"] = f'<{API_PREFIX}/{state.latest}/>; rel="successor-version"'
+        deprecation = state.deprecations.get(version)
+        if deprecation is not None:
+            since = Deprecation.http_date(deprecation.since)
+            response.headers["Deprecation"] = f"@{int(since.timestamp())}"
+            if deprecation.sunset is not None:
+                response.headers["Sunset"] = format_datetime(Deprecation.http_date(deprecation.sunset), usegmt=True)
+            successor = self._successor_path(version)
+            if successor is not None:
+                response.headers.add("Link", f'<{successor}>; rel="successor-version"')
         return response
+
+    def _successor_path(self, version: str) -> str | None:
+        """This request's path in the next version up, if that version serves it."""
+        newer = [candidate for candidate in self.supported_versions() if int(candidate[1:]) > int(version[1:])]
+        prefix = f"{API_PREFIX}/{version}"
+        if not newer or not request.path.startswith(prefix):
+            return None
+        path = f"{API_PREFIX}/{newer[0]}{request.path[len(prefix) :]}"
+        try:
+            current_app.create_url_adapter(request).match(path, method=request.method)
+        except HTTPException:  # not served there (or redirected): no successor to point at
+            return None
+        return request.script_root + path

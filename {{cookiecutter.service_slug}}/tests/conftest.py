@@ -17,6 +17,9 @@ from app import create_app
 from app.extensions import db
 from config import normalise_database_url
 
+# The local defaults (SQLite, a local-only SECRET_KEY, ...) exist for development
+# and test only; any other ENVIRONMENT, unset included, is production (config.py).
+os.environ["ENVIRONMENT"] = "test"
 # Set by CI: a test whose real dependency is missing fails instead of skipping.
 REQUIRE_SERVICES = os.environ.get("TEST_REQUIRE_SERVICES", "").lower() in {"1", "true", "yes"}
 

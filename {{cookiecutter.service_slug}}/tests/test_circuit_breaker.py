@@ -244,6 +244,26 @@ def test_one_breaker_per_downstream_with_the_app_settings(make_app):
     assert breakers.get("payments", second).state == CLOSED
 
 
+def test_a_breaker_is_not_reused_with_a_different_exclude(make_app):
+    """Whoever asks first does not decide what counts as a failure: a conflicting exclude is refused."""
+
+    class NotFound(Exception):
+        pass
+
+    app = make_app(CIRCUIT_BREAKER_FAILURE_THRESHOLD=1)
+    breakers = CircuitBreakers()
+    lenient = breakers.get("inventory", app, exclude=(NotFound,))
+    assert breakers.get("inventory", app, exclude=[NotFound]) is lenient  # same set, any iterable
+    assert breakers.get("inventory", app) is lenient  # no exclude given: the existing breaker
+    with pytest.raises(ValueError, match=r"inventory.*already exists.*NotFound"):
+        breakers.get("inventory", app, exclude=())
+    with pytest.raises(ValueError, match="inventory"):
+        breakers.get("inventory", app, exclude=(Boom,))
+    with pytest.raises(NotFound):
+        lenient.call(lambda: (_ for _ in ()).throw(NotFound("no such item")))
+    assert lenient.state == CLOSED
+
+
 def test_breakers_are_listed_in_readiness_as_informational(make_app):
     """/health/ready lists every breaker; an open one is reported but leaves the service ready."""
     app = make_app(CIRCUIT_BREAKER_FAILURE_THRESHOLD=1)

@@ -1,9 +1,16 @@
 """Every error is JSON {"error": {"code", "message", "details"}}, and bad input is never a 500."""
 
+import logging
+
 import pytest
 from flask import abort
+from werkzeug.exceptions import BadGateway, ServiceUnavailable
 
 from app.extensions import db
+from app.request_logging import RequestContextFilter
+
+# What a failed discovery or dependency knows, and no caller may see.
+INTERNALS = "consul-agent.internal:8500 is unreachable: HTTPConnectionPool(host='consul-agent.internal', port=8500): Max retries exceeded (Caused by NewConnectionError: [Errno 111] Connection refused)"
 
 
 def error_of(response, status: int, code: str) -> dict:
@@ -158,6 +165,39 @@ def test_unexpected_exception_is_json_500_and_logged(make_app, caplog):
     error = error_of(response, 500, "internal_error")
     assert "secret detail" not in error["message"]
     assert any(record.exc_info for record in caplog.records)
+
+
+class DependencyDown(ServiceUnavailable):
+    """Shaped like service_registry.NoHealthyInstanceError: internal details in its description."""
+
+    def __init__(self):
+        super().__init__(description=f"No healthy instance of 'payments': the Consul agent at {INTERNALS}")
+        self.data = {"code": "dependency_unavailable", "message": self.description, "details": {"service": "payments"}}
+
+
+@pytest.mark.parametrize(
+    ("raise_it", "status", "code"),
+    [
+        (lambda: (_ for _ in ()).throw(DependencyDown()), 503, "dependency_unavailable"),
+        (lambda: abort(503, description=INTERNALS), 503, "service_unavailable"),
+        (lambda: (_ for _ in ()).throw(BadGateway(description=INTERNALS)), 502, "bad_gateway"),
+    ],
+)
+def test_server_errors_show_a_code_and_a_generic_message_only(make_app, caplog, raise_it, status, code):
+    """A 5xx names no host, address or exception text; those go to the log with the request id."""
+    app = make_app()
+    app.add_url_rule("/depends", "depends", raise_it)
+    caplog.handler.addFilter(RequestContextFilter())  # as the service's own log handler has
+    with caplog.at_level(logging.WARNING):
+        response = app.test_client().get("/depends", headers={"X-Request-ID": "req-hostile-1"})
+    error = error_of(response, status, code)
+    body = response.get_data(as_text=True)
+    for secret in ("consul-agent.internal", "8500", "HTTPConnectionPool", "Connection refused", "Errno"):
+        assert secret not in body, (secret, body)
+    assert set(error["details"]) <= {"service"}
+    logged = [record for record in caplog.records if "consul-agent.internal" in record.getMessage()]
+    assert logged, "the details must reach the log"
+    assert {record.request_id for record in logged} == {"req-hostile-1"}
 
 
 def test_http_errors_raised_by_views_keep_the_shape(make_app):

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from flask import g
 
+from app.request_logging import RequestContextFilter
 from common_utils.circuit_breaker import CLOSED, OPEN, CircuitBreaker, CircuitBreakers
 from common_utils.http_client import (
     ClientSettings,
@@ -29,12 +30,13 @@ FAST = ClientSettings(connect_timeout=0.5, read_timeout=0.3, retries=2, backoff=
 
 class Downstream:
     """A local stand-in for another service. Set `statuses` (answered in turn, the last
-    one repeating) or `hang` (seconds to wait before answering); `requests` records
-    every request received as (method, path, headers)."""
+    one repeating), `hang` (seconds to wait before answering) or `headers` (sent with
+    every answer); `requests` records every request received as (method, path, headers)."""
 
     def __init__(self):
         self.statuses = [200]
         self.hang = 0.0
+        self.headers: dict[str, str] = {}
         self.requests: list[tuple[str, str, dict]] = []
         self.stopping = threading.Event()
         owner = self
@@ -51,6 +53,8 @@ class Downstream:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in owner.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -134,11 +138,16 @@ def test_connect_timeout_holds():
         listener.close()
 
 
-def test_connection_refused_is_downstream_unavailable():
-    """Nothing listening: a DownstreamUnavailable naming the service, after the bounded retries."""
+def closed_port() -> int:
+    """A local port nothing listens on."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def test_connection_refused_is_downstream_unavailable():
+    """Nothing listening: a DownstreamUnavailable naming the service, after the bounded retries."""
+    port = closed_port()
     with pytest.raises(DownstreamUnavailable) as error:
         make_client(f"http://127.0.0.1:{port}").get("/")
     assert not isinstance(error.value, DownstreamTimeout)
@@ -283,6 +292,24 @@ def test_request_id_goes_with_the_call(make_app, downstream):
     assert downstream.requests[0][2]["X-Request-ID"] == "req-123"
 
 
+def test_no_cookie_travels_from_one_caller_to_the_next(make_app, downstream):
+    """A cookie the downstream sets while serving user A never goes out with the call made for user B."""
+    app = make_app()
+    client = make_client(downstream.url)
+    downstream.headers = {"Set-Cookie": "session=user-A-secret; Path=/"}
+    with app.test_request_context("/"):
+        g.request_id = "for-user-a"
+        client.get("/profile")
+    downstream.headers = {}
+    with app.test_request_context("/"):
+        g.request_id = "for-user-b"
+        client.get("/profile")
+        client.post("/orders", json={})
+    for _, _, headers in downstream.requests[1:]:
+        assert "Cookie" not in headers, headers
+    assert len(downstream.requests) == 3
+
+
 def test_trace_context_goes_with_the_call(downstream):
     """With OpenTelemetry installed the caller's trace id reaches the downstream; without it calls work unchanged."""
     client = make_client(downstream.url)
@@ -325,14 +352,125 @@ def test_unhandled_downstream_errors_become_json_gateway_errors(make_app, downst
     assert downstream.url not in timed_out.get_data(as_text=True)
 
     downstream.hang = 0
-    downstream.statuses = [503]
+    downstream.statuses = [502]  # (a 503 is passed on as a 503: see below)
     failed = http.get("/proxy").get_json()["error"]
     assert failed == {
         "code": "downstream_error",
         "message": "The inventory service could not be used.",
-        "details": {"service": "inventory", "status": 503},
+        "details": {"service": "inventory", "status": 502},
     }
     refused = http.get("/proxy")
     assert refused.status_code == 503
     assert refused.get_json()["error"]["code"] == "downstream_circuit_open"
     assert int(refused.headers["Retry-After"]) >= 1
+
+
+def test_downstream_failures_reach_the_log_not_the_caller(make_app, caplog):
+    """Connection refused: the caller sees a code and the service's name; the address and reason are logged with the request id."""
+    port = closed_port()
+    app = make_app(DOWNSTREAM_SERVICES={"inventory": f"http://127.0.0.1:{port}"}, HTTP_CLIENT_RETRIES=0)
+    clients = ServiceClients(CircuitBreakers())
+    app.add_url_rule("/proxy", "proxy", lambda: clients.get("inventory").get("/items").json())
+    caplog.handler.addFilter(RequestContextFilter())
+    response = app.test_client().get("/proxy", headers={"X-Request-ID": "req-hostile-2"})
+    assert response.status_code == 503
+    body = response.get_data(as_text=True)
+    for secret in ("127.0.0.1", str(port), "refused", "Errno", "HTTPConnectionPool", "/items"):
+        assert secret not in body, (secret, body)
+    assert response.get_json()["error"]["details"] == {"service": "inventory"}
+    logged = [record for record in caplog.records if str(port) in record.getMessage()]
+    assert logged
+    assert {record.request_id for record in logged} == {"req-hostile-2"}
+
+
+class FakeClock:
+    """time.monotonic and time.sleep for a ServiceClient: time passes only when the test says."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def clocked_client(url, clock: FakeClock, settings: ClientSettings, **options) -> ServiceClient:
+    breaker = CircuitBreaker("inventory", failure_threshold=50, recovery_timeout=30, exclude=[DownstreamClientError])
+    return ServiceClient(
+        "inventory", breaker=breaker, settings=settings, configured_url=url, clock=clock, sleep=clock.sleep, **options
+    )
+
+
+def test_retry_after_is_honoured_within_its_bound(downstream):
+    """A 503 with Retry-After: 2 is retried after 2 s (more than the backoff); the second answer is returned."""
+    clock = FakeClock()
+    downstream.statuses = [503, 200]
+    downstream.headers = {"Retry-After": "2"}
+    settings = ClientSettings(retries=2, backoff=0.01, deadline=10, max_retry_after=5)
+    response = clocked_client(downstream.url, clock, settings).get("/items")
+    assert response.status_code == 200
+    assert clock.sleeps == [2.0]
+
+
+def test_a_retry_after_beyond_the_bound_or_the_deadline_is_not_waited_for(downstream):
+    """Retry-After longer than HTTP_CLIENT_MAX_RETRY_AFTER, or than the time left: fail now, keeping the hint."""
+    clock = FakeClock()
+    downstream.statuses = [503, 200]
+    downstream.headers = {"Retry-After": "120"}
+    settings = ClientSettings(retries=2, backoff=0.01, deadline=10, max_retry_after=5)
+    with pytest.raises(DownstreamServerError) as error:
+        clocked_client(downstream.url, clock, settings).get("/items")
+    assert (downstream.calls(), clock.sleeps, error.value.retry_after) == (1, [], 120.0)
+    downstream.statuses = [503, 200]
+    downstream.headers = {"Retry-After": "4"}
+    settings = ClientSettings(retries=2, backoff=0.01, deadline=3, max_retry_after=5)
+    with pytest.raises(DownstreamServerError):
+        clocked_client(downstream.url, clock, settings).get("/items")
+    assert clock.sleeps == []
+
+
+def test_one_deadline_covers_lookups_attempts_and_waits(downstream):
+    """A downstream that uses every second it is given, a slow lookup: the call still ends within HTTP_CLIENT_DEADLINE."""
+    clock = FakeClock()
+    downstream.statuses = [503]
+    settings = ClientSettings(connect_timeout=2, read_timeout=5, retries=10, backoff=0.5, deadline=4)
+
+    def slow_lookup(name: str) -> str:
+        clock.now += 0.3
+        return downstream.url
+
+    client = clocked_client(None, clock, settings, resolve=slow_lookup)
+    send = client.session.request
+    budgets = []
+
+    def uses_all_its_time(method, url, **kwargs):
+        timeout = kwargs["timeout"]
+        allowed = timeout.total if timeout.total is not None else timeout.connect_timeout + timeout.read_timeout
+        budgets.append(allowed)
+        clock.now += allowed  # connected and answered at the last moment it was allowed
+        return send(method, url, **kwargs)
+
+    client.session.request = uses_all_its_time
+    started = clock.now
+    with pytest.raises((DownstreamServerError, DownstreamTimeout)):
+        client.get("/items")
+    assert clock.now - started <= 4
+    assert len(budgets) >= 1
+    assert all(budget <= 4 for budget in budgets)
+
+
+def test_a_downstream_503_is_passed_on_with_its_retry_after(make_app, downstream):
+    """The caller of this service gets a 503 with the downstream's Retry-After, not a bare 502."""
+    app = make_app(DOWNSTREAM_SERVICES={"inventory": downstream.url}, HTTP_CLIENT_RETRIES=0)
+    clients = ServiceClients(CircuitBreakers())
+    app.add_url_rule("/proxy", "proxy", lambda: clients.get("inventory").get("/items").json())
+    downstream.statuses = [503]
+    downstream.headers = {"Retry-After": "7"}
+    response = app.test_client().get("/proxy")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "7"
+    assert response.get_json()["error"]["code"] == "downstream_unavailable"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -148,6 +149,57 @@ def test_unreachable_redis_falls_back_to_memory_limits(make_app, collection_url,
     assert ready.status_code == 200
     assert storage["status"] == "down"
     assert storage["critical"] is False
+
+
+class HungRedis:
+    """A TCP listener that accepts connections and never answers: a Redis that hangs."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.connections.append(connection)
+
+    def close(self):
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()
+
+
+def test_a_hung_redis_costs_a_bounded_time(make_app, collection_url, caplog, monkeypatch):
+    """Redis accepts and never answers: each wait is RATELIMIT_STORAGE_TIMEOUT, at most two per request, never retried, then memory."""
+    redis = HungRedis()
+    try:
+        app = make_app(RATELIMIT_STORAGE_URI=redis.url, RATELIMIT_STORAGE_TIMEOUT=0.1)
+        storage = app.extensions["rate_limiting"].storage.storage
+        options = storage.connection_pool.connection_kwargs
+        assert (options["socket_connect_timeout"], options["socket_timeout"]) == (0.1, 0.1)
+        assert options["retry"].get_retries() == 0  # one wait per command, not four
+        client = app.test_client()
+        with caplog.at_level(logging.WARNING):
+            assert client.get(collection_url).status_code == 200
+        assert any("falling back to in-memory" in record.getMessage() for record in caplog.records)
+        first = len(redis.connections)
+        assert 1 <= first <= 2  # the documented worst case: two waits on the first request
+        # Flask-Limiter's timed re-check (one ping after 1, 2, 4, ... s) would make the
+        # count below depend on the machine's speed: hold it off, then count.
+        limiter = app.extensions["rate_limiting"]
+        monkeypatch.setattr(limiter, "_Limiter__should_check_backend", lambda: False)
+        for _ in range(5):
+            assert client.get(collection_url).status_code == 200
+        assert len(redis.connections) == first  # the other requests do not wait on Redis at all
+    finally:
+        redis.close()
 
 
 def test_limit_is_shared_across_instances_through_redis(make_app, collection_url):

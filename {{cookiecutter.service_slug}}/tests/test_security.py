@@ -15,25 +15,53 @@ PROJECT = Path(__file__).resolve().parent.parent
 ORIGIN = "https://app.example.com"
 
 
+def local_defaults(monkeypatch) -> Config:
+    """The settings a local run gets (ENVIRONMENT=test), whatever the test set around it."""
+    with monkeypatch.context() as patch:
+        patch.setenv("ENVIRONMENT", "test")
+        return Config()
+
+
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    """Config as a fresh deployment sees it: no .env file, no credential variables set."""
+    """Config as a fresh deployment sees it: no .env file, no credential variables, no ENVIRONMENT."""
     monkeypatch.setattr(config, "BASE_DIR", tmp_path)
-    names = [*Config().secrets, "ENVIRONMENT"]
+    names = [*local_defaults(monkeypatch).secrets, "ENVIRONMENT", "RATELIMIT_ENABLED"]
     for name in names:
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(f"{name}_FILE", raising=False)
     return monkeypatch
 
 
+REAL_VALUES = {
+    "SECRET_KEY": "a-long-random-value-from-the-secret-store-0123456789",
+    "DATABASE_URL": "postgresql://app:N0t-a-default-Pa55word@db:5432/service",
+    "RATELIMIT_STORAGE_URI": "redis://:N0t-a-default-Pa55word@redis:6379/0",
+}
+
+
 def production_ready(monkeypatch) -> None:
     """Give every credential a real-looking value, keeping each one's form (URL or not)."""
-    for name, value in Config().secrets.items():
-        if url_password(value) is not None:
+    for name, value in local_defaults(monkeypatch).secrets.items():
+        if name in REAL_VALUES:
+            value = REAL_VALUES[name]
+        elif url_password(value) is not None:
             value = value.replace(f":{url_password(value)}@", ":N0t-a-default-Pa55word@", 1)
-        elif value in PLACEHOLDER_SECRETS or name == "SECRET_KEY":
+        elif value in PLACEHOLDER_SECRETS:
             value = "a-long-random-value-from-the-secret-store"
         monkeypatch.setenv(name, value)
+
+
+def expected_refusals(monkeypatch) -> list[str]:
+    """What a production start with nothing set must name: every credential with a local default."""
+    defaults = local_defaults(monkeypatch).secrets
+    return [
+        name
+        for name, value in defaults.items()
+        if name in ("SECRET_KEY", "DATABASE_URL", "RATELIMIT_STORAGE_URI")
+        or value in PLACEHOLDER_SECRETS
+        or url_password(value) in PLACEHOLDER_SECRETS
+    ]
 
 
 def test_security_headers_on_every_response(client, collection_url):
@@ -111,6 +139,7 @@ def test_negative_proxy_count_is_refused(make_app):
 
 def test_credentials_can_come_from_files(clean_env, tmp_path):
     """SECRET_KEY_FILE and DATABASE_URL_FILE (Docker/Kubernetes secrets) are read, trailing newline dropped."""
+    clean_env.setenv("ENVIRONMENT", "test")  # the values are short, which only production refuses
     secret_file = tmp_path / "secret_key"
     mounted = "from-a-mounted-secret"
     secret_file.write_text(mounted + "\n")
@@ -140,52 +169,81 @@ def test_unreadable_secret_file_is_refused(clean_env, tmp_path):
         Config()
 
 
-def test_production_refuses_a_missing_secret_key(clean_env):
-    """ENVIRONMENT=production without SECRET_KEY does not start, and says which variable to set."""
-    production_ready(clean_env)
-    clean_env.delenv("SECRET_KEY")
-    clean_env.setenv("ENVIRONMENT", "production")
-    with pytest.raises(InsecureConfigError, match="SECRET_KEY is not set"):
-        create_app()
-
-
-def test_production_refuses_every_local_default(clean_env):
-    """Each credential left at its laptop default or a placeholder stops a production start, naming it."""
-    defaults = Config().secrets
-    production_ready(clean_env)
-    clean_env.setenv("ENVIRONMENT", "production")
-    Config()  # with real-looking values everywhere it starts
-    checked = 0
-    for name, value in defaults.items():
-        if name == "SECRET_KEY" or (
-            value not in PLACEHOLDER_SECRETS and url_password(value) not in PLACEHOLDER_SECRETS
-        ):
-            continue
-        with clean_env.context() as patch:
-            patch.setenv(name, value)
-            with pytest.raises(InsecureConfigError, match=rf"^{name} is a local-only default"):
-                Config()
-        checked += 1
-    clean_env.setenv("SECRET_KEY", "change-me")
-    with pytest.raises(InsecureConfigError, match="SECRET_KEY"):
+@pytest.mark.parametrize("environment", [None, "", "Production", "prod", "staging", "PRODUCTION "])
+def test_anything_but_development_or_test_is_production(clean_env, environment):
+    """Unset, empty or any other name is production: the local defaults are refused, each one named in one line."""
+    if environment is not None:
+        clean_env.setenv("ENVIRONMENT", environment)
+    with pytest.raises(InsecureConfigError) as refusal:
         Config()
-    clean_env.setenv("SECRET_KEY", "a-long-random-value-from-the-secret-store")
-    clean_env.setenv("DATABASE_URL", "postgresql://app:app@db:5432/service")
-    with pytest.raises(InsecureConfigError, match=r"^DATABASE_URL is a local-only default"):
-        Config()
-    assert checked == sum(
-        1
-        for name, value in defaults.items()
-        if name != "SECRET_KEY"
-        and (value in PLACEHOLDER_SECRETS or url_password(value) in PLACEHOLDER_SECRETS)
-    )
+    message = str(refusal.value)
+    assert "\n" not in message
+    expected = expected_refusals(clean_env)
+    assert {"SECRET_KEY", "DATABASE_URL"} <= set(expected)
+    for name in expected:
+        assert f"{name} " in message, (name, message)
+    with pytest.raises(InsecureConfigError):
+        create_app()  # the service itself, not only its settings
 
 
-def test_development_starts_with_local_defaults(clean_env):
-    """Outside production the local defaults are fine, so `make run` needs no setup."""
+@pytest.mark.parametrize("environment", ["development", "test", "Development", " TEST "])
+def test_development_and_test_start_with_local_defaults(clean_env, environment):
+    """Only ENVIRONMENT development or test (any case) gets the local defaults, so `make run` needs no setup."""
+    clean_env.setenv("ENVIRONMENT", environment)
     settings = Config()
-    assert settings.ENVIRONMENT == "development"
     assert settings.SECRET_KEY == config.LOCAL_ONLY_SECRET_KEY
+    assert settings.SQLALCHEMY_DATABASE_URI == config.DEFAULT_DATABASE_URL
+
+
+def test_production_starts_with_real_values(clean_env):
+    """With a real value for every credential, production starts (and so does an unset ENVIRONMENT)."""
+    production_ready(clean_env)
+    assert Config().ENVIRONMENT == "production"
+    clean_env.setenv("ENVIRONMENT", "staging")
+    assert Config().ENVIRONMENT == "staging"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("SECRET_KEY", "", "SECRET_KEY is not set"),
+        ("SECRET_KEY", "x", "SECRET_KEY is too short"),
+        ("SECRET_KEY", "k" * 31, "SECRET_KEY is too short"),
+        ("SECRET_KEY", "change-me", "SECRET_KEY is a local-only default"),
+        ("SECRET_KEY", config.LOCAL_ONLY_SECRET_KEY, "SECRET_KEY is not set"),
+        ("DATABASE_URL", config.DEFAULT_DATABASE_URL, "DATABASE_URL is not set"),
+        ("DATABASE_URL", "postgresql://app:app@db:5432/service", "DATABASE_URL has a local-only"),
+        ("DATABASE_URL", "mysql://root:root@db:3306/service", "DATABASE_URL has a local-only"),
+    ],
+)
+def test_production_refuses_each_weak_setting(clean_env, name, value, reason):
+    """One weak setting among real ones is refused by name, with what is wrong with it."""
+    production_ready(clean_env)
+    clean_env.setenv("ENVIRONMENT", "production")
+    clean_env.setenv(name, value)
+    with pytest.raises(InsecureConfigError, match=reason) as refusal:
+        Config()
+    assert "\n" not in str(refusal.value)
+    assert len(str(refusal.value).split("): ", 1)[1].split("; ")) == 1  # that one only
+
+
+def test_production_refuses_every_credential_left_at_a_local_default(clean_env):
+    """Each credential left at its laptop default (guest AMQP, memory:// limits, ...) is refused, naming it."""
+    defaults = local_defaults(clean_env).secrets
+    production_ready(clean_env)
+    clean_env.setenv("ENVIRONMENT", "production")
+    checked = []
+    for name in expected_refusals(clean_env):
+        with clean_env.context() as patch:
+            patch.setenv(name, defaults[name])
+            with pytest.raises(InsecureConfigError, match=rf"\b{name} (is|has) "):
+                Config()
+        checked.append(name)
+    assert checked == expected_refusals(clean_env)
+    if "RATELIMIT_STORAGE_URI" in defaults:  # per-process counters are fine when nothing is limited
+        clean_env.setenv("RATELIMIT_STORAGE_URI", "memory://")
+        clean_env.setenv("RATELIMIT_ENABLED", "false")
+        Config()
 
 
 def carries_no_secret(value: str) -> bool:

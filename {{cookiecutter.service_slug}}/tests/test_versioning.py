@@ -1,5 +1,7 @@
 """API versioning: versions side by side, redirects to the latest, unknown versions, deprecation."""
 
+from datetime import UTC, datetime
+
 import pytest
 from openapi_spec_validator import validate
 
@@ -11,10 +13,10 @@ RESOURCE = "{{ cookiecutter.resource_plural.replace('_', '-') }}"
 
 @pytest.fixture
 def two_version_app(make_app, app):
-    """An app serving v1 (deprecated, sunset set) and v2 (latest) side by side."""
+    """An app serving v1 (deprecated since 2026-01-15, sunset 2027-06-30) and v2 (latest) side by side."""
     first = app.config["API_VERSION"]
     second = f"v{int(first[1:]) + 1}"
-    two = make_app(LATEST_API_VERSION=second, DEPRECATED_API_VERSIONS={first: "2027-06-30"})
+    two = make_app(LATEST_API_VERSION=second, DEPRECATED_API_VERSIONS={first: "2026-01-15/2027-06-30"})
     blueprint = create_api_blueprint(second, operation_suffix=f"_{second}")
     versioned_api.register_version(second, blueprint, app=two)
     return two, first, second
@@ -79,14 +81,50 @@ def test_two_versions_side_by_side(two_version_app, new_item):
 
 
 def test_deprecated_version_carries_deprecation_and_sunset(two_version_app):
-    """Responses of a deprecated version say so, with its sunset date and successor."""
+    """A deprecated version's responses say since when (RFC 9745), until when (RFC 8594) and where to go."""
     app, first, second = two_version_app
     client = app.test_client()
     old = client.get(f"/api/{first}/{RESOURCE}")
-    assert old.headers["Deprecation"] == "true"
+    deprecated_on = datetime(2026, 1, 15, tzinfo=UTC)
+    assert old.headers["Deprecation"] == f"@{int(deprecated_on.timestamp())}"
     assert old.headers["Sunset"] == "Wed, 30 Jun 2027 00:00:00 GMT"
-    assert f"/api/{second}/" in old.headers["Link"]
+    assert old.headers.getlist("Link") == [f'</api/{second}/{RESOURCE}>; rel="successor-version"']
+    assert client.get(f"/api/{second}/{RESOURCE}").status_code == 200  # the successor link is real
+    item = client.get(f"/api/{first}/{RESOURCE}/7?full=1")
+    assert item.headers.getlist("Link") == [f'</api/{second}/{RESOURCE}/7>; rel="successor-version"']
     assert "Deprecation" not in client.get(f"/api/{second}/{RESOURCE}").headers
+
+
+def test_deprecation_keeps_the_responses_own_link_headers(two_version_app):
+    """A Link the view already set (pagination, say) stays; the successor link is added beside it."""
+    app, first, second = two_version_app
+
+    @app.after_request  # runs before the versioning hook, as a view's own header would
+    def paginate(response):
+        response.headers["Link"] = f'</api/{first}/{RESOURCE}?page=2>; rel="next"'
+        return response
+
+    links = app.test_client().get(f"/api/{first}/{RESOURCE}").headers.getlist("Link")
+    assert links == [
+        f'</api/{first}/{RESOURCE}?page=2>; rel="next"',
+        f'</api/{second}/{RESOURCE}>; rel="successor-version"',
+    ]
+
+
+@pytest.mark.parametrize("value", ["2027-06-30", "someday", "2027-06-30/2026-01-15", "/2027-06-30"])
+def test_deprecation_needs_a_valid_deprecation_date(make_app, app, value):
+    """The deprecation date is required (the header carries it) and the sunset cannot come before it."""
+    with pytest.raises(ValueError, match="DEPRECATED_API_VERSIONS"):
+        make_app(DEPRECATED_API_VERSIONS={app.config["API_VERSION"]: value})
+
+
+def test_deprecation_without_a_sunset_yet(make_app, app):
+    """`v1=2026-01-15/`: deprecated, no Sunset header until a date is decided, no successor to link."""
+    version = app.config["API_VERSION"]
+    response = make_app(DEPRECATED_API_VERSIONS={version: "2026-01-15/"}).test_client().get(f"/api/{version}/{RESOURCE}")
+    assert response.headers["Deprecation"] == "@1768435200"
+    assert "Sunset" not in response.headers
+    assert "Link" not in response.headers
 
 
 def test_openapi_documents_every_version(two_version_app):
