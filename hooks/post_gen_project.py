@@ -610,6 +610,9 @@ def compose_document(context: dict) -> dict:
         "volumes": data_volumes,
         "depends_on": depends({"migrate": {"condition": "service_completed_successfully"}}),
         "restart": "unless-stopped",
+        # Longer than gunicorn's graceful_timeout (20 s) plus deregistering and
+        # flushing spans: compose's default 10 s would SIGKILL a slow drain.
+        "stop_grace_period": "30s",
     }
     services = {
         slug: {key: value for key, value in service.items() if value},

@@ -296,6 +296,20 @@ def test_compose_files_follow_the_compose_specification(rendered, tmp_path):
     check_jsonschema("vendor.compose-spec", paths, tmp_path)
 
 
+#: gunicorn's default graceful_timeout ({{cookiecutter.service_slug}}/gunicorn.conf.py).
+GRACEFUL_TIMEOUT = 20
+
+
+def test_compose_lets_the_service_drain_before_killing_it(rendered):
+    """stop_grace_period outlasts gunicorn's graceful timeout: a slow drain is not SIGKILLed before it ends."""
+    for item in rendered:
+        compose = yaml.safe_load(item.files["compose"])
+        slug = compose["name"]
+        grace = compose["services"][slug].get("stop_grace_period", "10s")
+        assert re.fullmatch(r"\d+s", grace), grace
+        assert int(grace[:-1]) > GRACEFUL_TIMEOUT, f"stop_grace_period {grace} ({combination_id(item.answers)})"
+
+
 def test_workflows_follow_the_github_workflow_schema(rendered, tmp_path):
     """.github/workflows/ci.yml of every combination validates against GitHub's workflow schema."""
     paths = write_all(unique(rendered, "workflow"), tmp_path / "workflows", ".yml")

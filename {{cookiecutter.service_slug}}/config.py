@@ -108,6 +108,10 @@ class Config:
         self.TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", 0)
         # Browser origins allowed to call the API; empty turns CORS off.
         self.CORS_ORIGINS = env.list("CORS_ORIGINS", [])
+        # /health/ready: every check runs at once within this many seconds (probes
+        # time out after 3 s), and the answer is reused for READINESS_CACHE_TTL s.
+        self.READINESS_TIMEOUT = env.float("READINESS_TIMEOUT", 0.8)
+        self.READINESS_CACHE_TTL = env.float("READINESS_CACHE_TTL", 1.0)
 {%- if cookiecutter.use_api_versioning %}
 
         self.API_VERSION = env.str("API_VERSION", {{ cookiecutter.api_version | py_string }})
@@ -156,6 +160,7 @@ class Config:
         self.CONSUL_TOKEN = self.secret(env, "CONSUL_TOKEN", "")
         self.CONSUL_TIMEOUT = env.float("CONSUL_TIMEOUT", 3.0)
         self.CONSUL_RETRY_MAX_DELAY = env.float("CONSUL_RETRY_MAX_DELAY", 30.0)
+        self.CONSUL_RESYNC_INTERVAL = env.float("CONSUL_RESYNC_INTERVAL", 15.0)  # re-register if the agent forgot
         # Registration happens only where the service is served (gunicorn's
         # master, `flask run`, `python main.py`), never on import or in tests.
         self.AUTO_REGISTER_SERVICE = env.bool("AUTO_REGISTER_SERVICE", True)
@@ -167,6 +172,7 @@ class Config:
         self.SERVICE_CHECK_TIMEOUT = env.str("SERVICE_CHECK_TIMEOUT", "5s")
         self.SERVICE_DEREGISTER_AFTER = env.str("SERVICE_DEREGISTER_AFTER", "1m")
         self.SERVICE_DISCOVERY_CACHE_TTL = env.float("SERVICE_DISCOVERY_CACHE_TTL", 5.0)
+        self.SERVICE_DISCOVERY_TIMEOUT = env.float("SERVICE_DISCOVERY_TIMEOUT", 1.0)  # longest wait per lookup
 {%- endif %}
 {%- if cookiecutter.use_tracing %}
 
@@ -177,7 +183,10 @@ class Config:
         self.JAEGER_PORT = env.int("JAEGER_PORT", None)  # the guide's UDP agent port: only warned about
         self.OTEL_EXPORTER_OTLP_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_ENDPOINT", "")
         self.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
-        self.TRACING_EXPORTER = env.str("OTEL_TRACES_EXPORTER", "otlp")  # otlp, console or none
+        self.OTEL_SDK_DISABLED = env.str("OTEL_SDK_DISABLED", "").strip().lower() == "true"  # as the spec says
+        self.TRACING_EXPORTER = env.str("OTEL_TRACES_EXPORTER", "otlp")  # otlp, console, none, or a list
+        self.OTEL_EXPORTER_OTLP_TIMEOUT = env.float("OTEL_EXPORTER_OTLP_TIMEOUT", None)  # milliseconds
+        self.OTEL_EXPORTER_OTLP_TRACES_TIMEOUT = env.float("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", None)  # milliseconds
         # Seconds one export may take: short, so a missing collector never holds up shutdown.
         self.TRACING_EXPORT_TIMEOUT = env.float("TRACING_EXPORT_TIMEOUT", 1.0)
         # A child span per SQL statement; false saves their cost on every recorded request.

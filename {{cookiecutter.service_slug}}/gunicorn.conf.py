@@ -6,6 +6,10 @@ import os
 import tempfile
 {%- endif %}
 
+from gunicorn.glogging import Logger
+
+from common_utils.json_logging import configure_json_logging
+
 bind = f"0.0.0.0:{os.environ.get('SERVICE_PORT', '{{ cookiecutter.service_port }}')}"
 workers = int(os.environ.get("GUNICORN_WORKERS", min(2 * multiprocessing.cpu_count() + 1, 8)))
 threads = int(os.environ.get("GUNICORN_THREADS", 4))
@@ -15,6 +19,21 @@ keepalive = 5
 accesslog = None  # the app writes its own JSON access log with the request id
 errorlog = "-"
 wsgi_app = "main:app"
+
+
+class JsonLogger(Logger):
+    """gunicorn's own lines (master and workers) as the service's JSON lines on stdout."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        configure_json_logging(os.environ.get("LOG_LEVEL", "INFO").upper())
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
+
+
+logger_class = JsonLogger
 {%- if cookiecutter.use_metrics %}
 
 # Workers are separate processes: counters go to files in this folder and
@@ -42,7 +61,12 @@ def child_exit(server, worker):
 
 
 def when_ready(server):
-    """Register with Consul once, in the master: workers share one host:port."""
+    """Register with Consul once, in the master (workers share one host:port).
+
+    It also makes the master deregister as soon as SIGTERM (or SIGINT,
+    SIGQUIT) arrives, before closing the sockets and draining the requests
+    in flight; compose's stop_grace_period is longer than graceful_timeout.
+    """
     from common_utils.service_registry import gunicorn_when_ready
     from config import Config
 
@@ -50,7 +74,7 @@ def when_ready(server):
 
 
 def on_exit(server):
-    """Deregister from Consul when gunicorn stops (SIGTERM, SIGINT), not when a worker is recycled."""
+    """Deregister from Consul if a stop signal did not already; never when a worker is recycled."""
     from common_utils.service_registry import gunicorn_on_exit
 
     gunicorn_on_exit(server)

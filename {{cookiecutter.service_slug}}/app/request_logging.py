@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import time
 import uuid
 
 from flask import Flask, g, has_request_context, request
-from pythonjsonlogger.json import JsonFormatter
+
+from common_utils.json_logging import configure_json_logging
 
 REQUEST_ID_HEADER = "X-Request-ID"
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -30,32 +30,8 @@ class RequestContextFilter(logging.Filter):
 
 
 def configure_logging(level: str | int = "INFO") -> None:
-    """Send JSON lines to stdout. Safe to call again: the handler is replaced, not added.
-
-    Features add fields to every line by adding a logging.Filter to the
-    handler marked `is_service_handler` (tracing adds trace_id and span_id);
-    a replaced handler hands those filters on to its successor.
-    """
-    root = logging.getLogger()
-    feature_filters = []
-    for handler in list(root.handlers):
-        if getattr(handler, "is_service_handler", False):
-            feature_filters += [f for f in handler.filters if not isinstance(f, RequestContextFilter)]
-            root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.is_service_handler = True
-    handler.addFilter(RequestContextFilter())
-    for feature_filter in feature_filters:
-        handler.addFilter(feature_filter)
-    handler.setFormatter(
-        JsonFormatter(
-            "{asctime}{levelname}{name}{message}{request_id}",
-            style="{",
-            rename_fields={"asctime": "timestamp", "levelname": "level", "name": "logger"},
-        )
-    )
-    root.addHandler(handler)
-    root.setLevel(level)
+    """Send JSON lines to stdout, each with the request id. Safe to call again (see configure_json_logging)."""
+    configure_json_logging(level, RequestContextFilter())
 
 
 def start_request() -> None:

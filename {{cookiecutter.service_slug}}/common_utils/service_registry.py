@@ -6,15 +6,22 @@ registered and deregistered itself, the first worker to be recycled would
 take the whole instance out of Consul while its siblings still serve. So:
 
 - under gunicorn the master registers once (`gunicorn_when_ready`) and
-  deregisters when gunicorn stops (`gunicorn_on_exit`); workers never do;
+  deregisters as soon as it is told to stop (SIGTERM, SIGINT, SIGQUIT),
+  before gunicorn closes its sockets and drains the requests in flight:
+  discovery stops sending traffic first; workers never register;
 - `flask run` registers from `init_app`, in the process that serves;
 - `python main.py` calls `register_process(app)` before serving;
 - importing the app, the tests and other `flask` commands never register.
 
 Consul being down never stops the service: registration is retried in a
-background thread with exponential backoff, each failure is logged, and the
-state shows in /health/ready as a non-critical check. The instance is
-deregistered at normal exit and on SIGTERM.
+background thread with exponential backoff, the first failure is logged (then
+only the recovery), and the state shows in /health/ready as a non-critical
+check. Registration is kept, not one-shot: every CONSUL_RESYNC_INTERVAL
+seconds the thread asks the agent whether it still knows the instance and
+registers it again if not (a restarted `-dev` agent keeps nothing). Consul's
+check is /health/ready, so an instance whose database is down leaves
+discovery until it is ready again. The instance is deregistered at normal
+exit and on SIGTERM.
 
 Discovery: `service_registry.resolve("payments")` returns the base URL of an
 instance whose checks pass, round-robin over the healthy instances, from a
@@ -48,6 +55,8 @@ from common_utils.health import add_readiness_check
 EXTENSION_KEY = "service_registry"
 #: First wait after a failed registration; doubled after each failure.
 FIRST_RETRY_DELAY = 0.5
+#: Seconds a failed discovery lookup is remembered (callers fail fast, or use the last known list).
+FAILED_LOOKUP_TTL = 1.0
 WILDCARD_ADDRESSES = {"", "0.0.0.0", "::"}
 CONSUL_ERRORS = (requests.RequestException, consul.ConsulException)
 
@@ -117,7 +126,7 @@ class Registration:
             meta["api_versions"] = ",".join(api_versions)
         host = f"[{address}]" if ":" in address else address
         check = consul.Check.http(
-            f"http://{host}:{port}/health",
+            f"http://{host}:{port}/health/ready",  # not ready (database down): out of discovery
             interval=config["SERVICE_CHECK_INTERVAL"],
             timeout=config["SERVICE_CHECK_TIMEOUT"],
             deregister=config["SERVICE_DEREGISTER_AFTER"],
@@ -151,24 +160,35 @@ class Registrar:
     """Keeps one instance registered with the local Consul agent while this process runs.
 
     `start()` registers in a background thread, retrying with exponential
-    backoff (capped at `max_delay`) until the agent accepts; `stop()`
-    deregisters. It only acts in the process that created it: a forked
-    gunicorn worker inherits the object and its atexit hook, and must not
-    deregister the instance its master registered.
+    backoff (capped at `max_delay`) until the agent accepts, then checks
+    every `resync_interval` seconds that the agent still knows the instance
+    and registers it again when it does not; `stop()` deregisters. It only
+    acts in the process that created it: a forked gunicorn worker inherits
+    the object and its atexit hook, and must not deregister the instance its
+    master registered.
     """
 
-    def __init__(self, client: consul.Consul, registration: Registration, *, agent: str, max_delay: float):
+    def __init__(
+        self,
+        client: consul.Consul,
+        registration: Registration,
+        *,
+        agent: str,
+        max_delay: float,
+        resync_interval: float = 15.0,
+    ):
         self.client = client
         self.registration = registration
         self.agent = agent
         self.max_delay = max_delay
+        self.resync_interval = resync_interval
         self.registered = False
         self.attempts = 0
         self.last_error: str | None = None
         self._pid = os.getpid()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Held during each attempt; a fork waits for it (see _before_fork).
+        #: Held during each attempt; a fork waits for it (see _before_fork), and so does stop().
         self.attempt_lock = threading.Lock()
 
     @property
@@ -176,26 +196,58 @@ class Registrar:
         return os.getpid() == self._pid
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._keep_trying, name="consul-registration", daemon=True)
+        self._thread = threading.Thread(target=self._keep_registered, name="consul-registration", daemon=True)
         self._thread.start()
 
-    def _keep_trying(self) -> None:
+    def _keep_registered(self) -> None:
         delay = FIRST_RETRY_DELAY
-        while not self._stopping.is_set() and not self._attempt():
-            logger.warning(
-                "Consul registration of %s failed (attempt %d: %s); retrying in %.1fs",
-                self.registration.service_id,
-                self.attempts,
-                self.last_error,
-                delay,
-            )
-            if self._stopping.wait(delay):
+        while not self._stopping.is_set():
+            if self._attempt():
+                delay, wait = FIRST_RETRY_DELAY, self.resync_interval
+            else:
+                wait, delay = delay, min(delay * 2, self.max_delay)
+            if self._stopping.wait(wait):
                 return
-            delay = min(delay * 2, self.max_delay)
 
     def _attempt(self) -> bool:
+        """Register, or check that the agent still knows the instance; False on failure."""
         with self.attempt_lock:
-            return self._stopping.is_set() or self.register_once()
+            if self._stopping.is_set():
+                return True
+            if self.registered and self._still_known():
+                return True
+            return self.register_once()
+
+    def _still_known(self) -> bool:
+        """Whether the agent still lists the instance (an unreachable agent counts as a failure)."""
+        try:
+            known = self.registration.service_id in (self.client.agent.services() or {})
+        except CONSUL_ERRORS as error:
+            self._failed(error)
+            return True  # nothing to do until the agent answers again
+        if self.last_error is not None:
+            logger.info("The Consul agent at %s answers again", self.agent)
+            self.last_error = None
+        if not known:
+            self.registered = False
+            logger.warning(
+                "The Consul agent at %s no longer knows %s (restarted?); registering it again",
+                self.agent,
+                self.registration.service_id,
+            )
+        return known
+
+    def _failed(self, error: Exception) -> None:
+        """Log the first failure of a run of failures; the rest would only repeat it."""
+        first = self.last_error is None
+        self.last_error = f"{type(error).__name__}: {error}"
+        log = logger.warning if first else logger.debug
+        log(
+            "Consul agent at %s unreachable for %s (%s); retrying in the background, quietly until it answers",
+            self.agent,
+            self.registration.service_id,
+            self.last_error,
+        )
 
     def register_once(self) -> bool:
         registration = self.registration
@@ -211,7 +263,7 @@ class Registrar:
                 check=registration.check,
             )
         except CONSUL_ERRORS as error:
-            self.last_error = f"{type(error).__name__}: {error}"
+            self._failed(error)
             return False
         self.registered, self.last_error = True, None
         logger.info(
@@ -224,21 +276,28 @@ class Registrar:
         return True
 
     def stop(self) -> None:
-        """Stop retrying and deregister; safe to call twice, a no-op in forked children."""
+        """Stop retrying and deregister; safe to call twice, a no-op in forked children.
+
+        An attempt in progress is waited for (at most the client's timeout),
+        so it cannot register the instance again after it has left.
+        """
         if not self.owned_here or self._stopping.is_set():
             return
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.client.http.connections_timeout + 1)
-        if not self.registered:
-            return
+        locked = self.attempt_lock.acquire(timeout=self.client.http.connections_timeout + 1)
         try:
-            self.client.agent.service.deregister(self.registration.service_id)
-        except CONSUL_ERRORS as error:
-            logger.warning("Consul deregistration of %s failed: %s", self.registration.service_id, error)
-            return
-        self.registered = False
-        logger.info("Deregistered %s from the Consul agent at %s", self.registration.service_id, self.agent)
+            if not self.registered:
+                return
+            try:
+                self.client.agent.service.deregister(self.registration.service_id)
+            except CONSUL_ERRORS as error:
+                logger.warning("Consul deregistration of %s failed: %s", self.registration.service_id, error)
+                return
+            self.registered = False
+            logger.info("Deregistered %s from the Consul agent at %s", self.registration.service_id, self.agent)
+        finally:
+            if locked:
+                self.attempt_lock.release()
 
     def state(self) -> dict:
         return {"service_id": self.registration.service_id, "registered": self.registered, "attempts": self.attempts}
@@ -300,6 +359,7 @@ def register_process(
             Registration.from_config(config, address=address, port=port),
             agent=agent_address(config),
             max_delay=config["CONSUL_RETRY_MAX_DELAY"],
+            resync_interval=config["CONSUL_RESYNC_INTERVAL"],
         )
         _process_registrar = registrar
     registrar.start()
@@ -342,13 +402,35 @@ def flask_run_binding() -> tuple[str, int] | None:
 
 
 @dataclass
+class Answer:
+    """What discovery knows about one service name until `expires` (monotonic seconds)."""
+
+    expires: float
+    instances: list[str]
+    #: Why the last lookup failed, when it did and there was nothing older to fall back on.
+    error: str | None = None
+
+
+@dataclass
+class Lookup:
+    """One query to the agent, on a daemon thread; every caller waiting for that name shares it."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    instances: list[str] | None = None
+    error: Exception | None = None
+
+
+@dataclass
 class RegistryState:
     """Per-app state: the Consul client, this instance's identity and the discovery cache."""
 
     config: Mapping[str, Any]
     client: consul.Consul
     cache_ttl: float
-    cache: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
+    lookup_timeout: float
+    cache: dict[str, Answer] = field(default_factory=dict)
+    lookups: dict[str, Lookup] = field(default_factory=dict)
+    failing: set[str] = field(default_factory=set)
     turns: dict[str, itertools.count] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -370,6 +452,7 @@ class ServiceRegistry:
             config=config,
             client=consul_client(config),
             cache_ttl=config["SERVICE_DISCOVERY_CACHE_TTL"],
+            lookup_timeout=config["SERVICE_DISCOVERY_TIMEOUT"],
         )
         add_readiness_check(app, "service_registry", lambda: self.readiness(app), critical=False)
         binding = flask_run_binding() if config["AUTO_REGISTER_SERVICE"] else None
@@ -391,11 +474,11 @@ class ServiceRegistry:
         """Whether this instance is in Consul; raises (non-critically) while it is not."""
         state = self.state(app)
         if not app.config["AUTO_REGISTER_SERVICE"]:
-            return {"auto_register": False, "agent": state.agent}
+            return {"auto_register": False}
         registrar = process_registrar()
         if registrar is not None:  # this process registers (flask run, python main.py)
             if registrar.registered:
-                return {**registrar.state(), "agent": state.agent}
+                return registrar.state()
             raise NotRegisteredError(
                 f"not registered with the Consul agent at {state.agent} after {registrar.attempts} "
                 f"attempt(s), retrying in the background: {registrar.last_error or 'first attempt running'}"
@@ -407,42 +490,92 @@ class ServiceRegistry:
         except CONSUL_ERRORS as error:
             raise NotRegisteredError(f"the Consul agent at {state.agent} is unreachable: {error}") from error
         if service_id in services:
-            return {"service_id": service_id, "registered": True, "agent": state.agent}
+            return {"service_id": service_id, "registered": True}
         raise NotRegisteredError(f"{service_id} is not registered with the Consul agent at {state.agent}")
 
-    def resolve(self, name: str, app: Flask | None = None) -> str:
+    def resolve(self, name: str, app: Flask | None = None, *, timeout: float | None = None) -> str:
         """The base URL (http://address:port) of a healthy instance of `name`.
 
-        Calls are spread round-robin over the instances whose checks all
-        pass. The list is cached briefly; when Consul cannot be reached an
-        expired list is used rather than failing. Raises
-        NoHealthyInstanceError when there is nothing to offer.
+        A URL configured for the name in DOWNSTREAM_SERVICES wins and Consul
+        is not asked. Otherwise calls are spread round-robin over the
+        instances whose checks all pass, from a list cached for
+        SERVICE_DISCOVERY_CACHE_TTL seconds. The agent is given at most
+        `timeout` seconds (the caller's remaining deadline), and never more
+        than SERVICE_DISCOVERY_TIMEOUT: past that the query goes on in the
+        background for whoever asks next, and this call fails or uses the
+        last known list. A failed lookup is remembered for FAILED_LOOKUP_TTL
+        seconds, so callers meanwhile do not each wait on a broken agent.
+        Raises NoHealthyInstanceError when there is nothing to offer.
         """
         state = self.state(app)
-        instances = self._instances(state, name)
+        configured = (state.config.get("DOWNSTREAM_SERVICES") or {}).get(name)
+        if configured:
+            return configured
+        wait = state.lookup_timeout if timeout is None else max(0.0, min(timeout, state.lookup_timeout))
+        instances = self._instances(state, name, wait)
         if not instances:
             raise NoHealthyInstanceError(name, f"no instance passes its checks in Consul at {state.agent}")
         with state.lock:
             turn = next(state.turns.setdefault(name, itertools.count()))
         return instances[turn % len(instances)]
 
-    def _instances(self, state: RegistryState, name: str) -> list[str]:
+    def _instances(self, state: RegistryState, name: str, wait: float) -> list[str]:
         now = time.monotonic()
         with state.lock:
-            expires, cached = state.cache.get(name, (0.0, []))
-        if now < expires:
-            return cached
+            known = state.cache.get(name)
+            if known is not None and now < known.expires:
+                if known.error is not None:
+                    raise NoHealthyInstanceError(name, known.error)
+                return known.instances
+            lookup = state.lookups.get(name)
+            if lookup is None:
+                lookup = state.lookups[name] = Lookup()
+                threading.Thread(
+                    target=self._look_up, args=(state, name, lookup), name="consul-lookup", daemon=True
+                ).start()
+        if lookup.done.wait(wait) and lookup.error is None:
+            return lookup.instances
+        reason = (
+            f"the Consul agent at {state.agent} did not answer within {wait:.2f} s"
+            if lookup.error is None
+            else f"the Consul agent at {state.agent} is unreachable: {lookup.error}"
+        )
+        fallback = known.instances if known is not None else []
+        with state.lock:
+            landed = state.cache.get(name)
+            ours = landed is known  # else another caller's lookup answered meanwhile
+            if ours:
+                state.cache[name] = Answer(time.monotonic() + FAILED_LOOKUP_TTL, fallback, None if fallback else reason)
+                first = name not in state.failing
+                state.failing.add(name)
+        if not ours:
+            if landed.error is not None:
+                raise NoHealthyInstanceError(name, landed.error)
+            return landed.instances
+        log = logger.warning if first else logger.debug  # once per outage, not per call
+        if fallback:
+            log("%s; using the last known %s instances", reason, name)
+            return fallback
+        log("%s; %s cannot be resolved for %.1f s", reason, name, FAILED_LOOKUP_TTL)
+        raise NoHealthyInstanceError(name, reason)
+
+    @staticmethod
+    def _look_up(state: RegistryState, name: str, lookup: Lookup) -> None:
         try:
             _, entries = state.client.health.service(name, passing=True)
-        except CONSUL_ERRORS as error:
-            if cached:
-                logger.warning("Consul at %s unreachable (%s); using the last known %s instances", state.agent, error, name)
-                return cached
-            raise NoHealthyInstanceError(name, f"the Consul agent at {state.agent} is unreachable: {error}") from error
-        instances = [base_url(entry) for entry in entries or []]
-        with state.lock:
-            state.cache[name] = (now + state.cache_ttl, instances)
-        return instances
+            lookup.instances = [base_url(entry) for entry in entries or []]
+            with state.lock:
+                state.cache[name] = Answer(time.monotonic() + state.cache_ttl, lookup.instances)
+                recovered = name in state.failing
+                state.failing.discard(name)
+            if recovered:
+                logger.info("The Consul agent at %s answers again for %s", state.agent, name)
+        except Exception as error:  # reported to the callers waiting, not lost on this thread
+            lookup.error = error
+        finally:
+            with state.lock:
+                state.lookups.pop(name, None)
+            lookup.done.set()
 
 
 def base_url(entry: Mapping[str, Any]) -> str:
@@ -468,10 +601,37 @@ def gunicorn_when_ready(server, config: Mapping[str, Any]) -> None:
     # Workers are forked after this hook and inherit the environment: their
     # readiness checks then ask the agent about exactly this id.
     os.environ["SERVICE_ID"] = registrar.registration.service_id
+    deregister_before_draining(server)
+
+
+#: The master's handlers of the signals that stop gunicorn (graceful, then fast).
+STOP_HANDLERS = ("handle_term", "handle_int", "handle_quit")
+
+
+def deregister_before_draining(server) -> None:
+    """Leave Consul as soon as gunicorn's master is told to stop, before it drains.
+
+    On SIGTERM gunicorn closes its sockets, waits up to graceful_timeout for
+    the requests in flight and only then runs `on_exit`: deregistering there
+    would leave the instance in discovery, and callers sending to a closed
+    port, for the whole drain. gunicorn has no hook at that moment, but its
+    master looks its handlers up by name (`handle_term`, ...) on the arbiter
+    when the signal arrives: wrapping them runs the deregistration first.
+    """
+    for name in STOP_HANDLERS:
+        stop = getattr(server, name, None)
+        if stop is None:
+            continue
+
+        def deregister_then(stop=stop) -> None:
+            gunicorn_on_exit(server)
+            stop()
+
+        setattr(server, name, deregister_then)
 
 
 def gunicorn_on_exit(server) -> None:
-    """In gunicorn's master, when it stops (SIGTERM, SIGINT): deregister the instance."""
+    """In gunicorn's master: deregister the instance (once; a no-op if the stop signal did already)."""
     registrar = process_registrar()
     if registrar is not None:
         registrar.stop()

@@ -27,15 +27,27 @@ Why the pieces look the way they do:
   parent-based sampler its SQL statements start no span at all (they would
   be dropped after their attributes were built), see ParentAwareEngineTracer.
 
-The standard OTEL_* variables win over the service's own settings:
-OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT over JAEGER_HOST, OTEL_SERVICE_NAME and
-OTEL_RESOURCE_ATTRIBUTES over SERVICE_NAME and friends, and OTEL_TRACES_SAMPLER,
-OTEL_BSP_* and OTEL_EXPORTER_OTLP_HEADERS are read by the SDK itself.
+- A missing collector is one WARNING, not a line per batch: the OTLP
+  exporter's own per-attempt errors are folded into BackoffExporter's
+  message, logged when the outage starts (and an INFO when it ends).
+- Everything is shut down once, at exit, without starting threads (Python
+  3.12 refuses new threads in atexit callbacks).
+
+The standard OTEL_* variables win over the service's own settings, as the
+OpenTelemetry specification describes them: OTEL_SDK_DISABLED=true turns
+tracing off; OTEL_TRACES_EXPORTER is otlp, console, none or a comma-separated
+list; OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT wins over JAEGER_HOST and
+OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT (milliseconds, as the specification says;
+the Python SDK alone reads seconds) over TRACING_EXPORT_TIMEOUT;
+OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over SERVICE_NAME and
+friends; OTEL_TRACES_SAMPLER, OTEL_BSP_* and OTEL_EXPORTER_OTLP_HEADERS are
+read by the SDK itself.
 """
 
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import os
 import socket
@@ -85,17 +97,53 @@ def traces_endpoint(config: Mapping[str, Any]) -> str:
     return base.rstrip("/") + "/v1/traces"
 
 
+EXPORTERS = ("otlp", "console", "none")
+
+
+def export_timeout(config: Mapping[str, Any]) -> float:
+    """Seconds one export may take: OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT in milliseconds, else TRACING_EXPORT_TIMEOUT."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+        if config.get(name) is not None:
+            return config[name] / 1000
+    return config["TRACING_EXPORT_TIMEOUT"]
+
+
 def make_exporter_factory(config: Mapping[str, Any]) -> Callable[[], SpanExporter] | None:
-    """A function building the configured exporter (TRACING_EXPORTER: otlp, console or none)."""
-    kind = config["TRACING_EXPORTER"]
-    if kind == "none":
+    """A function building the configured exporter(s) (OTEL_TRACES_EXPORTER: otlp, console, none, or a list)."""
+    kinds = [kind.strip() for kind in config["TRACING_EXPORTER"].split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in EXPORTERS]
+    if unknown or not kinds:
+        raise ValueError(f"OTEL_TRACES_EXPORTER must list otlp, console or none, not {config['TRACING_EXPORTER']!r}")
+    kinds = [kind for kind in dict.fromkeys(kinds) if kind != "none"]
+    if not kinds:
         return None
-    if kind == "console":
-        return ConsoleSpanExporter
-    if kind != "otlp":
-        raise ValueError(f"TRACING_EXPORTER must be otlp, console or none, not {kind!r}")
-    endpoint, timeout = traces_endpoint(config), config["TRACING_EXPORT_TIMEOUT"]
-    return lambda: BackoffExporter(OTLPSpanExporter(endpoint=endpoint, timeout=timeout), endpoint)
+    endpoint, timeout = traces_endpoint(config), export_timeout(config)
+    builders = {
+        "console": ConsoleSpanExporter,
+        "otlp": lambda: BackoffExporter(OTLPSpanExporter(endpoint=endpoint, timeout=timeout), endpoint),
+    }
+    if len(kinds) == 1:
+        return builders[kinds[0]]
+    return lambda: FanOutExporter([builders[kind]() for kind in kinds])
+
+
+class FanOutExporter(SpanExporter):
+    """Hands each batch to several exporters (OTEL_TRACES_EXPORTER=otlp,console)."""
+
+    def __init__(self, exporters: list[SpanExporter]):
+        self.exporters = exporters
+
+    def export(self, spans) -> SpanExportResult:
+        results = [exporter.export(spans) for exporter in self.exporters]
+        ok = all(result is SpanExportResult.SUCCESS for result in results)
+        return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        for exporter in self.exporters:
+            exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return all(exporter.force_flush(timeout_millis) for exporter in self.exporters)
 
 
 def make_resource(config: Mapping[str, Any]) -> Resource:
@@ -115,15 +163,41 @@ def make_resource(config: Mapping[str, Any]) -> Resource:
     return own.merge(OTELResourceDetector().detect())  # OTEL_SERVICE_NAME etc. win
 
 
+#: The logger the OTLP/HTTP exporter (and its HTTP client) report each failed attempt on.
+OTLP_EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+_exporting = threading.local()
+
+
+class FoldIntoBackoffExporter(logging.Filter):
+    """Keeps the OTLP exporter's per-attempt errors for BackoffExporter, which reports the outage once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held = getattr(_exporting, "messages", None)
+        if held is None:
+            return True
+        held.append(record.getMessage())
+        return False
+
+
+FOLD_INTO_BACKOFF_EXPORTER = FoldIntoBackoffExporter()
+
+
+def failure_reason(messages: list[str]) -> str:
+    """The exporter's account of the first failed attempt, without its generic "Failed to export" line."""
+    specific = [message for message in messages if not message.startswith("Failed to export")]
+    return specific[0] if specific else "the collector did not take the spans in time"
+
+
 class BackoffExporter(SpanExporter):
-    """Stops trying a collector that is not there, for a while.
+    """Stops trying a collector that is not there, for a while, and says so once.
 
     Each export encodes a whole batch to protobuf before sending it: with no
     collector that work is wasted, and the exporter's own retries hold the
     export thread while spans pile up. After a failure this drops batches
     unsent, without encoding them, for a backoff period that doubles up to
     MAX_BACKOFF and is reset by the next success; the spans dropped would
-    have been lost anyway. It says so in the log once per period.
+    have been lost anyway. The first failure is a WARNING (with the
+    exporter's own reason), the rest of the outage DEBUG, the end an INFO.
     """
 
     def __init__(self, inner: SpanExporter, endpoint: str, clock: Callable[[], float] = time.monotonic):
@@ -133,27 +207,38 @@ class BackoffExporter(SpanExporter):
         self.backoff = 0.0
         self.resume_at = 0.0
         self.dropped = 0
+        self._shut_down = False
 
     def export(self, spans) -> SpanExportResult:
-        if self.clock() < self.resume_at:
+        if self._shut_down or self.clock() < self.resume_at:
             self.dropped += len(spans)
             return SpanExportResult.FAILURE
-        result = self.inner.export(spans)
+        _exporting.messages = []
+        try:
+            result = self.inner.export(spans)
+        finally:
+            reasons, _exporting.messages = _exporting.messages, None
         if result is SpanExportResult.SUCCESS:
             if self.backoff:
                 logger.info("Span export to %s works again (%d spans were dropped)", self.endpoint, self.dropped)
             self.backoff, self.dropped = 0.0, 0
             return result
+        first = not self.backoff
         self.backoff = min(self.backoff * 2 or FIRST_BACKOFF, MAX_BACKOFF)
         self.resume_at = self.clock() + self.backoff
         self.dropped += len(spans)
-        logger.warning(
-            "Span export to %s failed; dropping spans for %.0f s before trying again", self.endpoint, self.backoff
+        (logger.warning if first else logger.debug)(
+            "Span export to %s failed (%s); dropping spans, trying again after %.0f s, quietly until it works",
+            self.endpoint,
+            failure_reason(reasons),
+            self.backoff,
         )
         return result
 
     def shutdown(self) -> None:
-        self.inner.shutdown()
+        if not self._shut_down:
+            self._shut_down = True
+            self.inner.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.inner.force_flush(timeout_millis)
@@ -172,6 +257,7 @@ class ForkSafeBatchProcessor(SpanProcessor):
     def __init__(self, make_exporter: Callable[[], SpanExporter]):
         self._make_exporter = make_exporter
         self._lock = threading.Lock()
+        self._shut_down = False
         self._start()
 
     def _start(self) -> None:
@@ -199,16 +285,23 @@ class ForkSafeBatchProcessor(SpanProcessor):
         return self._batch.force_flush(timeout_millis)
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
-        """Send what is queued, but give up after `timeout` seconds (no collector, say)."""
-        if self._pid != os.getpid():
+        """Send what is queued, but give up after `timeout` seconds (no collector, say); once."""
+        if self._pid != os.getpid() or self._shut_down:
             return
-        finishing = threading.Thread(target=self._batch.shutdown, name="otel-shutdown", daemon=True)
-        finishing.start()
-        finishing.join(timeout)
-        if finishing.is_alive():
-            # Ends the exporter's retry waits; the batch thread then stops at once.
-            self.exporter.shutdown()
-            finishing.join(0.2)
+        self._shut_down = True
+        batch = getattr(self._batch, "_batch_processor", None)
+        if batch is not None and "timeout_millis" in inspect.signature(batch.shutdown).parameters:
+            # The SDK's own bounded shutdown: its export thread sends what is
+            # queued while this one waits at most `timeout`; no new thread,
+            # which Python 3.12 refuses at exit (BatchSpanProcessor.shutdown()
+            # would allow it 30 s).
+            batch.shutdown(timeout_millis=timeout * 1000)
+        else:
+            finishing = threading.Thread(target=self._batch.shutdown, name="otel-shutdown", daemon=True)
+            finishing.start()
+            finishing.join(timeout)
+        # Ends the exporter's retry waits if it is still sending; a no-op when it stopped already.
+        self.exporter.shutdown()
 
 
 def drops_children_of_unsampled(provider: TracerProvider) -> bool:
@@ -331,18 +424,15 @@ def instrument_process() -> None:
     RequestsInstrumentor().instrument(tracer_provider=ROUTING_PROVIDER)
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         trace.set_tracer_provider(ROUTING_PROVIDER)
+    logging.getLogger(OTLP_EXPORTER_LOGGER).addFilter(FOLD_INTO_BACKOFF_EXPORTER)
     atexit.register(shutdown_all)
 
 
 def shutdown_all(timeout: float = SHUTDOWN_TIMEOUT) -> None:
-    """At exit: flush every app's spans at the same time, all within `timeout` seconds."""
-    threads = [
-        threading.Thread(target=state.shutdown, args=(timeout,), daemon=True) for state in list(_live_states)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout + 0.3)
+    """At exit: flush every app's spans, all within `timeout` seconds (one app, in a service)."""
+    deadline = time.monotonic() + timeout
+    for state in list(_live_states):
+        state.shutdown(max(0.0, deadline - time.monotonic()))
 
 
 def stop_in_background(processor: ForkSafeBatchProcessor) -> None:
@@ -368,7 +458,7 @@ class Tracer:
 
     def init_app(self, app: Flask) -> TracingState | None:
         config = app.config
-        if not config["TRACING_ENABLED"]:
+        if not config["TRACING_ENABLED"] or config.get("OTEL_SDK_DISABLED"):
             return None
         if EXTENSION_KEY in app.extensions:
             return app.extensions[EXTENSION_KEY]

@@ -63,6 +63,8 @@ def app_config(database_url) -> dict:
         # when rate limiting is not part of the project.
         "RATELIMIT_DEFAULT": "100000 per minute",
         "RATELIMIT_WRITE": "100000 per minute",
+        # Tests look at /health/ready again right after changing a dependency.
+        "READINESS_CACHE_TTL": 0,
     }
 
 

@@ -4,7 +4,11 @@ It speaks the part of the real protocol the service uses (register,
 deregister, list the agent's services, health of a service with `?passing`,
 the X-Consul-Index header) and records every request, so tests can check
 exactly what the service sent. It can start late on a port chosen in
-advance, to play a Consul that comes up after the service.
+advance, to play a Consul that comes up after the service, and `forget()`
+plays an agent restarted with nothing kept. `GET /test/hold` is not
+Consul's: it answers only once `release` is set, so a test can keep a
+request of the service in flight. `HungServer` accepts connections and never
+answers, like an agent that hangs.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class ConsulStandIn:
         self.services: dict[str, dict] = {}
         #: Instances of other services (name, address, port, check status), as other agents registered them.
         self.others: list[tuple[str, str, int, str]] = []
+        #: Set it to answer the requests waiting on GET /test/hold.
+        self.release = threading.Event()
         self._server = None
         self._thread = None
 
@@ -67,10 +73,15 @@ class ConsulStandIn:
         return self
 
     def stop(self) -> None:
+        self.release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def forget(self) -> None:
+        """Lose every registration, as a restarted `consul agent -dev` does."""
+        self.services.clear()
 
     def add_instance(self, name: str, address: str, port: int, status: str = "passing") -> None:
         self.others.append((name, address, port, status))
@@ -94,6 +105,8 @@ class ConsulStandIn:
 
     def respond(self, request: Request, body: dict | None) -> Response:
         path = request.path
+        if request.method == "GET" and path == "/test/hold":
+            return Response("released" if self.release.wait(30) else "not released", 200)
         if request.method == "PUT" and path == "/v1/agent/service/register":
             self.services[body.get("id") or body["name"]] = body
             return Response("", 200)
@@ -133,3 +146,44 @@ class ConsulStandIn:
                 {"CheckID": f"service:{service_id}", "Status": status},
             ],
         }
+
+
+class HungServer:
+    """Accepts TCP connections and never answers: an agent that hangs."""
+
+    def __init__(self):
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+
+    def open_connections(self) -> int:
+        """Connections the client has not closed (a client that gave up closes its socket)."""
+        still_open = 0
+        for connection in list(self.connections):
+            try:
+                still_open += connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+            except BlockingIOError:  # open, nothing unread
+                still_open += 1
+            except OSError:
+                pass
+        return still_open
+
+    def stop(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for connection in self.connections:
+            connection.close()

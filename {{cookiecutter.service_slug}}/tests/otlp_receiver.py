@@ -2,7 +2,9 @@
 
 It accepts POST /v1/traces like a collector does, decodes the protobuf
 body with opentelemetry-proto and keeps the spans with their resource
-attributes, so a test can check what really went over the wire.
+attributes, so a test can check what really went over the wire. With
+`hang=True` it plays a collector that accepts and never answers (until
+`release` is set).
 """
 
 from __future__ import annotations
@@ -56,10 +58,13 @@ class ReceivedSpan:
 
 
 class OTLPReceiver:
-    def __init__(self):
+    def __init__(self, hang: bool = False):
         self.port = free_port()
         self.spans: list[ReceivedSpan] = []
         self.content_types: list[str] = []
+        self.hang = hang
+        self.release = threading.Event()
+        self.requests = 0
         self._server = None
 
     @property
@@ -73,6 +78,7 @@ class OTLPReceiver:
         return self
 
     def stop(self) -> None:
+        self.release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -80,6 +86,9 @@ class OTLPReceiver:
 
     def wsgi(self, environ, start_response):
         request = Request(environ)
+        self.requests += 1
+        if self.hang:
+            self.release.wait(30)
         if request.method != "POST" or request.path != "/v1/traces":
             return Response("not found", 404)(environ, start_response)
         body = request.get_data()

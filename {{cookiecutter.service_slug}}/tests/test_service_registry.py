@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
@@ -17,7 +18,7 @@ from common_utils.service_registry import (
     instance_id,
     process_registrar,
 )
-from tests.consul_stand_in import ConsulStandIn, free_port, wait_for
+from tests.consul_stand_in import ConsulStandIn, HungServer, free_port, wait_for
 
 
 @pytest.fixture
@@ -28,28 +29,41 @@ def consul():
 
 
 @pytest.fixture
+def hung_agent():
+    server = HungServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def registry_app(make_app, consul):
     """An app whose agent is the stand-in."""
 
     def build(**overrides):
-        settings = {"CONSUL_HOST": "127.0.0.1", "CONSUL_PORT": consul.port, **overrides}
+        # A busy test machine may take a while to answer: discovery's own deadline is tested apart.
+        settings = {"CONSUL_HOST": "127.0.0.1", "CONSUL_PORT": consul.port, "SERVICE_DISCOVERY_TIMEOUT": 10, **overrides}
         return make_app(**settings)
 
     return build
 
 
-def registrar_for(app, **overrides) -> Registrar:
+def registrar_for(app, resync_interval: float = 15.0, **overrides) -> Registrar:
     config = {**app.config, **overrides}
     return Registrar(
         consul_client(config),
         Registration.from_config(config),
         agent=f"{config['CONSUL_HOST']}:{config['CONSUL_PORT']}",
         max_delay=0.5,
+        resync_interval=resync_interval,
     )
 
 
 def test_register_payload_is_exact(registry_app, consul):
-    """The agent receives id, name, address, port, tags, meta and an HTTP check on /health."""
+    """The agent receives id, name, address, port, tags, meta and an HTTP check on /health/ready.
+
+    Readiness, not liveness: an instance whose database is down fails the
+    check and leaves discovery until it is ready again.
+    """
     app = registry_app(SERVICE_ADDRESS="10.1.2.3", SERVICE_PORT=5050, SERVICE_TAGS=["team-a"])
     registrar = registrar_for(app)
 
@@ -70,7 +84,7 @@ def test_register_payload_is_exact(registry_app, consul):
         "meta": meta,
         "checks": [
             {
-                "http": "http://10.1.2.3:5050/health",
+                "http": "http://10.1.2.3:5050/health/ready",
                 "interval": "10s",
                 "timeout": "5s",
                 "DeregisterCriticalServiceAfter": "1m",
@@ -121,6 +135,38 @@ def test_registration_is_retried_until_consul_comes_up(registry_app):
         late.stop()
 
 
+def test_registration_is_kept_when_the_agent_restarts_empty(registry_app, consul):
+    """An agent restarted with nothing kept (compose runs `consul agent -dev`) gets the instance back."""
+    app = registry_app(SERVICE_ID="orders-kept")
+    registrar = registrar_for(app, resync_interval=0.05)
+    registrar.start()
+    try:
+        wait_for(lambda: "orders-kept" in consul.services, 5, "the first registration")
+        consul.forget()
+        wait_for(lambda: "orders-kept" in consul.services, 5, "registration after the agent forgot it")
+        assert len(consul.registrations()) == 2
+    finally:
+        registrar.stop()
+
+
+def test_an_absent_agent_is_logged_once_then_quietly_retried(registry_app, caplog):
+    """One WARNING when the agent cannot be reached, none for each retry, INFO once it answers."""
+    late = ConsulStandIn(port=free_port())  # not listening yet
+    registrar = registrar_for(registry_app(CONSUL_PORT=late.port, SERVICE_ID="orders-quiet"))
+    caplog.set_level("DEBUG", logger=registry_module.__name__)
+    registrar.start()
+    try:
+        wait_for(lambda: registrar.attempts >= 3, 10, "three failed attempts")
+        late.start()
+        wait_for(lambda: registrar.registered, 10, "registration once the agent is up")
+    finally:
+        registrar.stop()
+        late.stop()
+    ours = [r for r in caplog.records if r.name == registry_module.__name__]
+    assert [r.levelname for r in ours if r.levelno >= logging.WARNING] == ["WARNING"]
+    assert any(r.levelname == "INFO" and "Registered orders-quiet" in r.getMessage() for r in ours)
+
+
 def test_consul_down_does_not_stop_the_app(make_app):
     """With no agent listening the app starts and serves; readiness shows the registry down, non-critically."""
     port = free_port()
@@ -133,7 +179,7 @@ def test_consul_down_does_not_stop_the_app(make_app):
     assert response.status_code == 200
     assert check["status"] == "down"
     assert check["critical"] is False
-    assert f"the Consul agent at 127.0.0.1:{port} is unreachable" in check["error"]
+    assert check["error"] == "check_failed"  # the agent's address: in the log, not the body
 
 
 def test_readiness_reports_an_instance_the_agent_knows(registry_app, consul):
@@ -142,7 +188,7 @@ def test_readiness_reports_an_instance_the_agent_knows(registry_app, consul):
     client = app.test_client()
     pending = client.get("/health/ready").get_json()["checks"]["service_registry"]
     assert pending["status"] == "down"
-    assert "orders-in-consul is not registered" in pending["error"]
+    assert pending["error"] == "check_failed"
 
     consul.services["orders-in-consul"] = {"name": "orders", "id": "orders-in-consul"}
     check = client.get("/health/ready").get_json()["checks"]["service_registry"]
@@ -255,3 +301,52 @@ def test_unhandled_discovery_error_is_a_json_503(registry_app, consul):
     error = response.get_json()["error"]
     assert error["code"] == "dependency_unavailable"
     assert error["details"] == {"service": "payments"}
+
+
+def test_a_configured_url_is_used_without_asking_consul(registry_app, consul):
+    """DOWNSTREAM_SERVICES names the URL: resolve() answers with it and never calls the agent."""
+    consul.add_instance("payments", "10.0.0.1", 8080)
+    app = registry_app(DOWNSTREAM_SERVICES={"payments": "http://payments.internal:8080"})
+    assert [service_registry.resolve("payments", app=app) for _ in range(3)] == ["http://payments.internal:8080"] * 3
+    assert consul.requests == []
+
+
+@pytest.mark.parametrize("timeout", [0.05, None], ids=["caller's deadline", "SERVICE_DISCOVERY_TIMEOUT"])
+def test_a_hung_agent_is_abandoned_at_the_deadline_and_the_failure_remembered(
+    registry_app, hung_agent, monkeypatch, timeout
+):
+    """With an agent that accepts and never answers, resolve() gives up at its deadline, not the client's 30 s.
+
+    It fails while its query is still waiting on the agent (abandoned, not
+    timed out by the HTTP client); the next caller fails at once, without a
+    second query, while the failure is remembered.
+    """
+    monkeypatch.setattr(registry_module, "FAILED_LOOKUP_TTL", 60.0)
+    app = registry_app(CONSUL_PORT=hung_agent.port, CONSUL_TIMEOUT=30, SERVICE_DISCOVERY_TIMEOUT=0.05)
+
+    with pytest.raises(NoHealthyInstanceError):
+        service_registry.resolve("payments", app=app, timeout=timeout)
+    assert wait_for(hung_agent.open_connections, 5, "the query to reach the agent") == 1  # still waiting
+
+    with pytest.raises(NoHealthyInstanceError):
+        service_registry.resolve("payments", app=app, timeout=timeout)
+    assert len(hung_agent.connections) == 1
+
+
+def test_the_last_known_list_is_kept_while_the_agent_hangs(registry_app, consul, monkeypatch):
+    """An expired list beats no answer: used, and remembered, while the agent does not answer."""
+    monkeypatch.setattr(registry_module, "FAILED_LOOKUP_TTL", 60.0)
+    consul.add_instance("payments", "10.0.0.1", 8080)
+    app = registry_app(SERVICE_DISCOVERY_CACHE_TTL=0.0)
+    assert service_registry.resolve("payments", app=app) == "http://10.0.0.1:8080"
+
+    consul.stop()
+    hung = HungServer()
+    app.config["CONSUL_PORT"] = hung.port
+    service_registry.state(app).client = registry_module.consul_client({**app.config, "CONSUL_TIMEOUT": 30})
+    try:
+        assert service_registry.resolve("payments", app=app, timeout=0.05) == "http://10.0.0.1:8080"
+        assert service_registry.resolve("payments", app=app, timeout=0.05) == "http://10.0.0.1:8080"
+        assert len(wait_for(lambda: hung.connections, 5, "the query to reach the agent")) == 1
+    finally:
+        hung.stop()

@@ -25,6 +25,7 @@ from common_utils.tracing import (
     ForkSafeBatchProcessor,
     traces_endpoint,
 )
+from tests.otlp_receiver import OTLPReceiver, free_port
 
 INCOMING_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 INCOMING_PARENT_ID = "b7ad6b7169203331"
@@ -186,6 +187,20 @@ def test_trace_ids_survive_logging_reconfiguration(traced):
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "outside a span", (), None)
     assert TRACE_CONTEXT_FILTER.filter(record)
     assert (record.trace_id, record.span_id) == (None, None)
+
+
+def test_spans_record_the_client_behind_a_trusted_proxy(traced):
+    """Behind TRUSTED_PROXY_COUNT proxies the request span records the client (X-Forwarded-For), not the proxy.
+
+    ProxyFix rewrites the address before the span is started, whatever order
+    the WSGI wrappers are in (it changes the environ in place).
+    """
+    app, spans = traced(TRUSTED_PROXY_COUNT=1)
+    app.test_client().get(
+        "/no-such-page", headers={"X-Forwarded-For": "203.0.113.7"}, environ_base={"REMOTE_ADDR": "10.0.0.9"}
+    )
+    [span] = server_spans(spans)
+    assert span.attributes.get("client.address", span.attributes.get("net.peer.ip")) == "203.0.113.7"
 
 
 def test_health_probes_are_not_traced(traced):
@@ -366,3 +381,97 @@ def test_failed_exports_back_off_until_the_collector_answers():
     assert exporter.export(["f"]) is SpanExportResult.SUCCESS
     assert inner.batches == 3
     assert (exporter.backoff, exporter.dropped) == (0.0, 0)
+
+
+@contextmanager
+def otlp_app(make_app, endpoint: str, **overrides):
+    """An app exporting over OTLP to `endpoint`, shut down at the end."""
+    app = make_app(
+        TRACING_ENABLED=True,
+        TRACING_EXPORTER="otlp",
+        OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="",
+        **overrides,
+    )
+    try:
+        yield app
+    finally:
+        tracer.shutdown(app)
+
+
+def test_the_exporter_is_shut_down_once_even_when_the_collector_hangs(make_app, caplog):
+    """Shutdown gives up on a hung collector without "Exporter already shutdown" or ERROR lines."""
+    hung = OTLPReceiver(hang=True).start()
+    caplog.set_level(logging.DEBUG)
+    try:
+        with otlp_app(make_app, hung.endpoint, TRACING_EXPORT_TIMEOUT=30) as app:
+            assert app.test_client().get("/no-such-page").status_code == 404
+            tracer.shutdown(app, timeout=0.2)  # the batch is still waiting on the collector
+            tracing.shutdown_all()  # what the process does at exit
+    finally:
+        hung.stop()
+    assert hung.requests >= 1
+    assert not [r.getMessage() for r in caplog.records if "already shutdown" in r.getMessage()]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_missing_collector_is_one_warning_and_no_error(make_app, caplog):
+    """No collector: one WARNING (with the exporter's reason) for the outage, no ERROR, nothing per batch."""
+    caplog.set_level(logging.DEBUG)
+    with otlp_app(make_app, f"http://127.0.0.1:{free_port()}") as app:
+        client = app.test_client()
+        for _ in range(3):
+            client.get("/no-such-page")
+            tracer.provider(app).force_flush()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.name for r in warnings] == ["common_utils.tracing"]
+    assert "Span export to" in warnings[0].getMessage()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r.getMessage() for r in caplog.records if "Failed to export" in r.getMessage()]
+
+
+@pytest.mark.parametrize("value", ["true", "TRUE", " True "])
+def test_otel_sdk_disabled_switches_tracing_off(make_app, monkeypatch, value):
+    """OTEL_SDK_DISABLED=true (any case) turns tracing off whatever TRACING_ENABLED says."""
+    monkeypatch.setenv("OTEL_SDK_DISABLED", value)
+    assert tracer.state(make_app(TRACING_ENABLED=True)) is None
+
+
+def test_otel_sdk_disabled_other_values_leave_tracing_on(make_app, monkeypatch):
+    """Only "true" disables, as the specification says; anything else is false."""
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "no")
+    assert tracer.state(make_app(TRACING_ENABLED=True, TRACING_EXPORTER="none")) is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("none", None), ("otlp", ["BackoffExporter"]), ("console", ["ConsoleSpanExporter"]),
+     ("otlp,console", ["BackoffExporter", "ConsoleSpanExporter"]), ("console, none", ["ConsoleSpanExporter"])],
+)
+def test_otel_traces_exporter_takes_a_list(value, expected):
+    """OTEL_TRACES_EXPORTER is otlp, console, none or a comma-separated list of them."""
+    factory = tracing.make_exporter_factory(
+        {"TRACING_EXPORTER": value, "JAEGER_HOST": "localhost", "TRACING_EXPORT_TIMEOUT": 1.0}
+    )
+    if expected is None:
+        assert factory is None
+        return
+    exporter = factory()
+    exporters = getattr(exporter, "exporters", [exporter])
+    assert [type(e).__name__ for e in exporters] == expected
+    exporter.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("env", "seconds"),
+    [({}, 1.0), ({"OTEL_EXPORTER_OTLP_TIMEOUT": "2500"}, 2.5),
+     ({"OTEL_EXPORTER_OTLP_TIMEOUT": "2500", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "250"}, 0.25)],
+)
+def test_otlp_timeouts_are_milliseconds_and_the_traces_one_wins(make_app, monkeypatch, env, seconds):
+    """OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT override TRACING_EXPORT_TIMEOUT, in milliseconds as specified."""
+    for name in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    app = make_app(TRACING_ENABLED=True, TRACING_EXPORTER="none", TRACING_EXPORT_TIMEOUT=1.0)
+    assert tracing.export_timeout(app.config) == seconds

@@ -70,6 +70,7 @@ def test_every_gunicorn_worker_exports(tmp_path, receiver):
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "ENVIRONMENT": "test",
         "DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}",
         "SERVICE_PORT": str(port),
         "GUNICORN_WORKERS": "2",
@@ -95,7 +96,7 @@ def test_every_gunicorn_worker_exports(tmp_path, receiver):
             return response.status
 
     try:
-        wait_for(lambda: _answers(get), 30, "gunicorn to serve")
+        wait_for(lambda: _answers(get), 60, "gunicorn to serve")  # workers import the whole app first
 
         def worker_pids():
             """Send a burst of concurrent requests; the pids that spans came from so far."""
@@ -191,48 +192,44 @@ app = create_app({
     "TRACING_EXCLUDED_URLS": "",
 })
 client = app.test_client()
-for _ in range(100):
+for _ in range(20):
     assert client.get("/health").status_code == 200
-print("requests-done", flush=True)
 """
 
 
-def exit_time(script_args: list[str], env: dict) -> float:
-    """Seconds from the script's last request to the end of its process."""
+def test_process_exit_with_a_hung_collector_is_bounded_and_clean(tmp_path):
+    """A process whose collector hangs exits while its export still waits, shutting the exporter down once.
+
+    Each export may take 60 s here (OTEL_EXPORTER_OTLP_TRACES_TIMEOUT): the
+    exit waits SHUTDOWN_TIMEOUT, not that. Nothing goes wrong on the way out:
+    no "Exporter already shutdown", no exception in an exit hook, no ERROR.
+    """
+    hung = OTLPReceiver(hang=True).start()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "ENVIRONMENT": "test",
+        "AUTO_REGISTER_SERVICE": "false",
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "60000",
+    }
     process = subprocess.Popen(
-        [sys.executable, "-c", SHUTDOWN_SCRIPT, *script_args],
+        [sys.executable, "-c", SHUTDOWN_SCRIPT, f"sqlite:///{tmp_path / 'service.db'}", hung.endpoint],
         cwd=PROJECT,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        for line in process.stdout:
-            if line.strip() == "requests-done":
-                break
-        else:
-            pytest.fail("the script never finished its requests")
-        done = time.perf_counter()
-        assert process.wait(timeout=30) == 0
-        return time.perf_counter() - done
+        stdout, stderr = process.communicate(timeout=40)  # well under the 60 s the export may take
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("the process waited for the hung collector")
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def test_process_exit_with_no_collector_takes_at_most_two_seconds(tmp_path):
-    """A process with unsent spans and no collector exits within 2 s (the SDK default blocks ~7 s)."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
-        "LOG_LEVEL": "ERROR",
-        "AUTO_REGISTER_SERVICE": "false",
-    }
-    # Best of three: a busy machine slows the interpreter's own exit; a blocking flush fails all.
-    times = []
-    for _ in range(3):
-        times.append(exit_time([f"sqlite:///{tmp_path / 'service.db'}", no_collector()], env))
-        if times[-1] <= SHUTDOWN_LIMIT:
-            return
-    pytest.fail(f"exit took {', '.join(f'{t:.2f}' for t in times)} s")
+        hung.stop()
+    assert process.returncode == 0, stderr
+    assert hung.requests >= 1  # the spans were on their way when the process left
+    assert "already shutdown" not in stdout + stderr
+    assert "Exception ignored" not in stderr
+    assert "Logging error" not in stderr
+    assert not [line for line in stdout.splitlines() if '"level": "ERROR"' in line]
