@@ -257,6 +257,9 @@ class Server:
         )
 
     def start(self) -> None:
+        # A fresh, empty multiprocess folder per start: gunicorn_on_starting refuses one
+        # holding files it did not create (`flask db upgrade` leaves some).
+        self.env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bench-metrics-")
         self.log = self.project / "gunicorn.log"
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -276,14 +279,14 @@ class Server:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.process is not None:
+        if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-            self.process = None
+        self.process = None
 
     def item_url(self) -> str:
         spec = json.load(urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/openapi.json", timeout=10))
