@@ -189,6 +189,8 @@ class Config:
         self.OTEL_EXPORTER_OTLP_TRACES_TIMEOUT = env.float("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", None)  # milliseconds
         # Seconds one export may take: short, so a missing collector never holds up shutdown.
         self.TRACING_EXPORT_TIMEOUT = env.float("TRACING_EXPORT_TIMEOUT", 1.0)
+        # A child span per SQL statement; false saves their cost on every recorded request.
+        self.TRACING_SQL_SPANS = env.bool("TRACING_SQL_SPANS", True)
         # Probes and scrapes are not worth a trace each.
         self.TRACING_EXCLUDED_URLS = env.str(
             "OTEL_PYTHON_FLASK_EXCLUDED_URLS", r"/health$,/health/ready$,/metrics$"

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from flask import Flask, Request, request
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_flask_exporter import PrometheusMetrics
 
 EXTENSION_KEY = "metrics"
@@ -69,26 +69,44 @@ class Metrics:
         )
         app.before_request(skip_unknown_methods)
         exporter.init_app(app)
-        # The per-endpoint counter: the endpoint name is stable across
-        # URL parameters, so it stays a low-cardinality label.
-        exporter.register_default(
-            exporter.counter(
-                "http_requests_by_endpoint",
-                "Requests served, by endpoint, method and status",
-                labels={
-                    "endpoint": lambda: request.endpoint,
-                    "method": method_label,
-                    "status": lambda response: response.status_code,
-                },
-            ),
-            app=app,
-        )
+        count_by_endpoint(app, exporter.registry, app.config["SERVICE_NAME"])
         app.extensions[EXTENSION_KEY] = exporter
         return exporter
 
     @staticmethod
     def exporter(app: Flask) -> PrometheusMetrics | None:
         return app.extensions.get(EXTENSION_KEY)
+
+
+def count_by_endpoint(app: Flask, registry: CollectorRegistry, service: str) -> None:
+    """http_requests_by_endpoint_total: requests by endpoint, method and status.
+
+    The endpoint name is stable across URL parameters and the method is one
+    of KNOWN_METHODS or OTHER_METHOD, so the labels stay low-cardinality
+    (requests that match no route are not counted).
+    Counted in an after_request hook, with each labelled series looked up
+    once: prometheus-flask-exporter's own label functions have their
+    signatures inspected on every request.
+    """
+    counter = Counter(
+        "http_requests_by_endpoint",
+        "Requests served, by endpoint, method and status",
+        labelnames=("endpoint", "method", "status", "service"),
+        registry=registry,
+    )
+    series = {}
+
+    def count(response):
+        endpoint = request.endpoint
+        if endpoint is not None:
+            key = (endpoint, method_label(), response.status_code)
+            child = series.get(key)
+            if child is None:
+                child = series[key] = counter.labels(*key[:2], str(key[2]), service)
+            child.inc()
+        return response
+
+    app.after_request(count)
 
 
 def gunicorn_on_starting(server) -> None:

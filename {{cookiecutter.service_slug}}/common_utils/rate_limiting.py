@@ -27,12 +27,21 @@
 
 Each app gets its own Limiter (Flask-Limiter keeps its storage and limits
 on the Limiter object), so several apps in one process never share counters.
+
+One Redis round trip per limit and request: Flask-Limiter counts a hit
+(one call) and then reads the window's count and expiry for the headers
+(two more). OneTripRedisStorage counts and reads both in one script and
+answers the two reads from what that script returned.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+
 from flask import Flask, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
+from limits.storage import RedisStorage
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -43,6 +52,59 @@ EXTENSION_KEY = "rate_limiting"
 EXEMPT_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
 WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
 DEFAULT_STORAGE_TIMEOUT = 0.25  # seconds; a healthy Redis answers in about a millisecond
+#: Prepended to redis:// URIs so that limits builds OneTripRedisStorage for them.
+ONE_TRIP_PREFIX = "one-trip+"
+#: Counts a hit (fixed window) and returns the new count with the window's remaining seconds.
+INCR_EXPIRE_TTL = """
+local current = redis.call("incrby", KEYS[1], ARGV[2])
+if current == tonumber(ARGV[2]) then
+    redis.call("expire", KEYS[1], ARGV[1])
+end
+return {current, redis.call("ttl", KEYS[1])}
+"""
+
+
+class OneTripRedisStorage(RedisStorage):
+    """limits' Redis storage, answering the reads that follow a hit from the hit's own reply.
+
+    Flask-Limiter reads the count and expiry of a window right after
+    counting a hit on it (for the X-RateLimit-* headers). The hit's script
+    returns both, kept per thread for that key and used once; any other
+    read goes to Redis as before.
+    """
+
+    STORAGE_SCHEME = [ONE_TRIP_PREFIX + scheme for scheme in ("redis", "rediss", "redis+unix")]
+
+    def __init__(self, uri: str, **options) -> None:
+        super().__init__(uri.removeprefix(ONE_TRIP_PREFIX), **options)
+        self._after_hit = threading.local()
+
+    def initialize_storage(self, uri: str) -> None:
+        super().initialize_storage(uri)
+        self.lua_incr_expire_ttl = self.get_connection().register_script(INCR_EXPIRE_TTL)
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        count, ttl = self.lua_incr_expire_ttl([self.prefixed_key(key)], [expiry, amount])
+        self._after_hit.key = key
+        self._after_hit.count = int(count)
+        self._after_hit.expires_at = max(int(ttl), 0) + time.time()
+        self._after_hit.unread = {"count", "expiry"}
+        return int(count)
+
+    def _from_last_hit(self, key: str, what: str):
+        remembered = self._after_hit
+        if getattr(remembered, "key", None) != key or what not in remembered.unread:
+            return None
+        remembered.unread.discard(what)
+        return remembered.count if what == "count" else remembered.expires_at
+
+    def get(self, key: str) -> int:
+        count = self._from_last_hit(key, "count")
+        return super().get(key) if count is None else count
+
+    def get_expiry(self, key: str) -> float:
+        expires_at = self._from_last_hit(key, "expiry")
+        return super().get_expiry(key) if expires_at is None else expires_at
 
 
 def redis_options(timeout: float) -> dict:
@@ -97,6 +159,10 @@ def check_storage(limiter: Limiter) -> dict:
     return {"storage": scheme}
 
 
+def one_trip(storage_uri: str) -> bool:
+    return storage_uri.startswith(("redis://", "rediss://", "redis+unix://"))
+
+
 class RateLimiting:
     """The extension; `rate_limiting.limiter()` is the app's flask_limiter.Limiter."""
 
@@ -109,6 +175,7 @@ class RateLimiting:
         redis = storage_uri.startswith(("redis://", "rediss://", "redis+"))
         limiter = Limiter(
             key_func=client_address,
+            storage_uri=ONE_TRIP_PREFIX + storage_uri if one_trip(storage_uri) else None,
             headers_enabled=True,
             retry_after="delta-seconds",
             in_memory_fallback_enabled=True,

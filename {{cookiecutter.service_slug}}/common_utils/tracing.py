@@ -23,6 +23,9 @@ Why the pieces look the way they do:
   with it, `gunicorn_post_fork` starts a fresh pipeline in each worker.
 - Log lines carry `trace_id` and `span_id` (TraceContextFilter), so a
   trace found in Jaeger leads to its logs and back.
+- A request that is not sampled costs next to nothing: with the default
+  parent-based sampler its SQL statements start no span at all (they would
+  be dropped after their attributes were built), see ParentAwareEngineTracer.
 
 - A missing collector is one WARNING, not a line per batch: the OTLP
   exporter's own per-attempt errors are folded into BackoffExporter's
@@ -72,6 +75,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.sampling import ParentBased
 from opentelemetry.trace import format_span_id, format_trace_id
 from opentelemetry.util.http import parse_excluded_urls
 
@@ -300,6 +304,38 @@ class ForkSafeBatchProcessor(SpanProcessor):
         self.exporter.shutdown()
 
 
+def drops_children_of_unsampled(provider: TracerProvider) -> bool:
+    """Whether the provider's sampler drops every span whose local parent is not sampled.
+
+    True for every parent-based sampler OTEL_TRACES_SAMPLER can name (the default among them).
+    """
+    sampler = provider.sampler
+    description = sampler.get_description()
+    return isinstance(sampler, ParentBased) and "localParentNotSampled:AlwaysOffSampler" in description
+
+
+class ParentAwareEngineTracer(EngineTracer):
+    """SQLAlchemy statement spans, skipped outright under a parent span that is not sampled.
+
+    The instrumentation builds a statement's attributes and switches the
+    context before asking the sampler, which then drops the span: with
+    `skip_unsampled` (a parent-based sampler) a statement inside an
+    unsampled request starts nothing. Statements outside any span still go
+    to the sampler, as before.
+    """
+
+    def __init__(self, *args, skip_unsampled: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._skip_unsampled = skip_unsampled
+
+    def _before_cur_exec(self, conn, cursor, statement, params, context, executemany):
+        if self._skip_unsampled:
+            parent = trace.get_current_span().get_span_context()
+            if parent.is_valid and not parent.trace_flags.sampled:
+                return statement, params
+        return super()._before_cur_exec(conn, cursor, statement, params, context, executemany)
+
+
 @dataclass(eq=False)  # hashable by identity, for the WeakSet of live states
 class TracingState:
     """Per-app tracing: its provider, its export pipeline and its tracers by scope."""
@@ -483,15 +519,16 @@ class Tracer:
     def _instrument_engines(app: Flask, state: TracingState) -> None:
         """Trace the SQL of this app's own engines (never every engine in the process)."""
         sqlalchemy = app.extensions.get("sqlalchemy")
-        if sqlalchemy is None:
+        if sqlalchemy is None or not app.config.get("TRACING_SQL_SPANS", True):
             return
         with app.app_context():
             engines = list(sqlalchemy.engines.values())
         usage = metrics.get_meter(SQLALCHEMY_SCOPE).create_up_down_counter(
             "db.client.connections.usage", unit="connections"
         )
+        skip_unsampled = drops_children_of_unsampled(state.provider)
         for engine in engines:
-            EngineTracer(state.tracer(SQLALCHEMY_SCOPE), engine, usage)
+            ParentAwareEngineTracer(state.tracer(SQLALCHEMY_SCOPE), engine, usage, skip_unsampled=skip_unsampled)
 
     @staticmethod
     def state(app: Flask | None = None) -> TracingState | None:

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 
 from tests.conftest import skip_or_fail
@@ -226,3 +227,34 @@ def test_limit_is_shared_across_instances_through_redis(make_app, collection_url
         storage = first.extensions["rate_limiting"].storage
         for key in storage.storage.scan_iter(f"*{prefix}*"):
             storage.storage.delete(key)
+
+
+def test_one_redis_round_trip_per_request(make_app, collection_url, monkeypatch):
+    """Counting a hit and reading the window for the headers is one Redis command, not three."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    prefix = f"test-{uuid.uuid4().hex}"
+    app = make_app(
+        RATELIMIT_DEFAULT="5 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix
+    )
+    redis = app.extensions["rate_limiting"].storage.get_connection()
+    sent = []
+    execute = redis.execute_command
+
+    def counting(*args, **kwargs):
+        sent.append(args[0])
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "execute_command", counting)
+    client = app.test_client()
+    try:
+        responses = [client.get(collection_url) for _ in range(3)]
+        assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["4", "3", "2"]
+        now = time.time()
+        assert all(now < int(r.headers["X-RateLimit-Reset"]) <= now + 61 for r in responses)
+        assert sent == ["EVALSHA"] * 3
+    finally:
+        monkeypatch.undo()
+        for key in redis.scan_iter(f"*{prefix}*"):
+            redis.delete(key)

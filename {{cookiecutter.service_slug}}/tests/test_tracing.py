@@ -246,6 +246,41 @@ def test_otel_traces_sampler_is_honoured(traced, collection_url, monkeypatch):
     assert spans.get_finished_spans() == ()
 
 
+@pytest.mark.parametrize("sampler", ["parentbased_always_off", "parentbased_traceidratio"])
+def test_unsampled_requests_start_no_sql_spans(traced, collection_url, monkeypatch, sampler):
+    """A request the sampler leaves out starts no span per SQL statement (it would only be dropped)."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    app, spans = traced()
+    sql_tracer = tracer.state(app).tracer(tracing.SQLALCHEMY_SCOPE)
+    started = []
+    start_span = sql_tracer.start_span
+    monkeypatch.setattr(
+        sql_tracer, "start_span", lambda *a, **k: started.append(a) or start_span(*a, **k)
+    )
+
+    assert app.test_client().get(collection_url).status_code == 200
+    assert spans.get_finished_spans() == ()
+    assert started == []
+
+
+def test_sampled_requests_keep_their_sql_spans(traced, collection_url, monkeypatch):
+    """With the default parent-based sampler every statement of a sampled request is a span."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+    app, spans = traced()
+    assert app.test_client().get(collection_url).status_code == 200
+    sql = [span for span in spans.get_finished_spans() if span.kind == SpanKind.CLIENT]
+    assert sql
+    assert {span.context.trace_id for span in sql} == {server_spans(spans)[0].context.trace_id}
+
+
+def test_sql_spans_can_be_switched_off(traced, collection_url):
+    """TRACING_SQL_SPANS=false: the request span only, no span per statement."""
+    app, spans = traced(TRACING_SQL_SPANS=False)
+    assert app.test_client().get(collection_url).status_code == 200
+    assert [span.kind for span in spans.get_finished_spans()] == [SpanKind.SERVER]
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [

@@ -5,9 +5,9 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,15 +15,13 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from app.extensions import tracer
+from common_utils.tracing import ForkSafeBatchProcessor
 from tests.otlp_receiver import OTLPReceiver, free_port, wait_for
 
 PROJECT = Path(__file__).resolve().parent.parent
-#: p95 with no collector may exceed tracing-off p95 by 20%, or by this much when that is more.
-#: The SDK's own work (about 0.1 ms a span, three spans a request here) is most of 20% of a
-#: 1-2 ms request and grows when the CPU is shared; an exporter that blocked would cost ~1 s.
-LATENCY_FLOOR = 0.002
 SHUTDOWN_LIMIT = 2.0
 
 
@@ -126,54 +124,64 @@ def _answers(get) -> bool:
         return False
 
 
-def p95(samples: list[float]) -> float:
-    return statistics.quantiles(samples, n=20)[18]
+class HangingExporter(SpanExporter):
+    """An exporter whose every export hangs until released (a collector that never answers)."""
+
+    def __init__(self):
+        self.exporting = threading.Event()
+        self.release = threading.Event()
+
+    def export(self, spans) -> SpanExportResult:
+        self.exporting.set()
+        self.release.wait(30)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.release.set()
 
 
-def measure_p95s(clients: dict, url: str) -> dict[str, float]:
-    """p95 of 200 requests per client, taking turns request by request so load on the machine hits all alike."""
-    samples: dict[str, list[float]] = {name: [] for name in clients}
-    deadline = time.monotonic() + 60  # an exporter blocking each request would take far longer
-    for _ in range(200):
-        for name, client in clients.items():
-            started = time.perf_counter()
-            response = client.get(url)
-            samples[name].append(time.perf_counter() - started)
-            assert response.status_code == 200
-        if time.monotonic() > deadline:
-            pytest.fail(f"requests are being held up: {len(samples['on'])} in 60 s")
-    return {name: p95(values) for name, values in samples.items()}
+def test_requests_do_not_wait_for_a_hanging_export(make_app, collection_url, monkeypatch):
+    """Spans leave on the export thread: requests are served while an export hangs.
+
+    How much tracing costs a request (latency, throughput) is measured in the
+    template's bench/, not asserted here.
+    """
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "1")
+    exporter = HangingExporter()
+    app = make_app(TRACING_ENABLED=True, TRACING_EXPORTER="none")
+    tracer.provider(app).add_span_processor(ForkSafeBatchProcessor(lambda: exporter))
+    client = app.test_client()
+    try:
+        assert client.get(collection_url).status_code == 200
+        assert exporter.exporting.wait(10), "the batch was never exported"
+        served = []
+        serving = threading.Thread(
+            target=lambda: served.extend(client.get(collection_url).status_code for _ in range(20))
+        )
+        serving.start()
+        serving.join(10)  # a request waiting for the export would wait for release (30 s)
+        assert served == [200] * 20
+    finally:
+        exporter.release.set()
+        tracer.shutdown(app)
 
 
-def test_no_collector_keeps_latency_and_shutdown_short(make_app, collection_url):
-    """With no collector, p95 of 200 requests stays within 20% of tracing off, and shutdown takes <= 2 s."""
+def test_shutdown_with_no_collector_is_bounded(make_app, collection_url):
+    """Spans still queued for a collector that is not there are given up within 2 s at shutdown."""
     gc.collect()  # apps of earlier tests stop their export threads when collected
-    off = make_app(TRACING_ENABLED=False)
-    on = make_app(**exporting_to(no_collector()))
-    clients = {"off": off.test_client(), "on": on.test_client()}
-    for client in clients.values():  # warm-up: first requests compile and connect
-        for _ in range(20):
-            client.get(collection_url)
-
-    # Other work on the machine only ever adds delay, to either side at random:
-    # the best of three runs is the fair one. A blocking exporter fails all three.
-    attempts = []
-    for _ in range(3):
-        result = measure_p95s(clients, collection_url)
-        attempts.append(result)
-        if result["on"] <= max(result["off"] * 1.2, result["off"] + LATENCY_FLOOR):
-            break
-    else:
-        runs = ", ".join(f"on {a['on'] * 1000:.2f} ms / off {a['off'] * 1000:.2f} ms" for a in attempts)
-        pytest.fail(f"p95 with tracing on and no collector is too slow in every run: {runs}")
+    app = make_app(**exporting_to(no_collector()))
+    client = app.test_client()
+    for _ in range(50):
+        assert client.get(collection_url).status_code == 200
 
     started = time.perf_counter()
-    tracer.shutdown(on)  # spans of the requests still queued, nobody to take them
+    tracer.shutdown(app)  # spans of the requests still queued, nobody to take them
     assert time.perf_counter() - started <= SHUTDOWN_LIMIT
 
 
 SHUTDOWN_SCRIPT = """
 import sys
+import threading
 from app import create_app
 app = create_app({
     "SQLALCHEMY_DATABASE_URI": sys.argv[1],
