@@ -9,13 +9,15 @@
 - `OutboxEvent.create_event` takes its position under the aggregate's lock,
   so two writers' events are numbered in their commit order (item 9).
 
-The races run on two real connections; on SQLite (one writer at a time,
-no row locks) those tests are skipped.
+The races run on two real connections of the project's server database;
+SQLite (one writer at a time, no row locks) has no such race.
 """
 
 from __future__ import annotations
+{%- if cookiecutter.database != "sqlite" %}
 
 import threading
+{%- endif %}
 
 import pytest
 from sqlalchemy import event, select, text
@@ -26,9 +28,13 @@ from app.extensions import db
 from app.models import {{ cookiecutter.__resource_class }}
 from common_utils.outbox import OutboxEvent, VersionOrder, check_version
 from common_utils.outbox.consumer import ProcessedMessage, idempotent_consumer
+{%- if cookiecutter.database != "sqlite" %}
+from tests.conftest import skip_or_fail
 from tests.outbox_support import wait_until
+{%- endif %}
 
 AGGREGATE = "{{ cookiecutter.resource_name }}"
+{%- if cookiecutter.database != "sqlite" %}
 #: Sessions waiting for a row lock held by another transaction, per database. InnoDB
 #: refreshes innodb_trx only when it was last read over 0.1 s ago: poll slower than that.
 LOCK_WAIT_POLL = 0.2
@@ -36,6 +42,7 @@ LOCK_WAITS = {
     "postgresql": "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
     "mysql": "SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'",
 }
+{%- endif %}
 
 
 @pytest.fixture
@@ -47,14 +54,18 @@ def outbox_app(app, make_app):
         db.engine.dispose()
 
 
+{%- if cookiecutter.database != "sqlite" %}
+
+
 @pytest.fixture
 def row_locks(outbox_app) -> str:
-    """The query counting lock waits on this database; skips on SQLite."""
+    """The query counting lock waits on this database."""
     with outbox_app.app_context():
         name = db.engine.dialect.name
     if name not in LOCK_WAITS:
-        pytest.skip("needs row locks and concurrent writers: PostgreSQL or MySQL/MariaDB")
+        skip_or_fail("needs row locks and concurrent writers: the server database (set TEST_DATABASE_URL)")
     return LOCK_WAITS[name]
+{%- endif %}
 
 
 def events_of(app, aggregate_id) -> list[OutboxEvent]:
@@ -70,6 +81,7 @@ def stored_row(app, item_id: int) -> dict:
     """The row as the database has it now, in the payload's shape."""
     with app.app_context(), Session(db.engine) as session:
         return session.get({{ cookiecutter.__resource_class }}, item_id).to_dict()
+{%- if cookiecutter.database != "sqlite" %}
 
 
 def lock_waits(app, query: str) -> int:
@@ -85,6 +97,7 @@ def wait_for_lock_wait(app, query: str, writer: threading.Thread) -> None:
         what="the second writer to wait for the row lock or finish",
         interval=LOCK_WAIT_POLL,
     )
+{%- endif %}
 
 
 def create_item(app, client, collection_url, new_item) -> int:
@@ -94,6 +107,7 @@ def create_item(app, client, collection_url, new_item) -> int:
 
 
 # -- item 1: the payload is the row as written ---------------------------------------
+{%- if cookiecutter.database != "sqlite" %}
 
 
 def test_concurrent_patches_of_different_fields_leave_the_newest_event_equal_to_the_row(
@@ -122,6 +136,7 @@ def test_concurrent_patches_of_different_fields_leave_the_newest_event_equal_to_
     assert newest.header_map["aggregate-version"] == str(row["version"])
     assert answer.status_code == 409, answer.get_json()
     assert (row["name"], row["quantity"]) == ("renamed by A", new_item["quantity"])
+{%- endif %}
 
 
 def test_the_payload_is_the_row_as_written_including_a_concurrent_change(outbox_app, collection_url, new_item):
@@ -248,6 +263,7 @@ def test_another_integrity_error_on_the_mark_itself_propagates(outbox_app):
 
     with outbox_app.app_context(), pytest.raises(IntegrityError):
         handle(message_id="m-3")
+{%- if cookiecutter.database != "sqlite" %}
 
 
 # -- item 9: create_event under the aggregate's lock ----------------------------------------
@@ -341,3 +357,4 @@ def test_create_event_with_a_custom_ordering_key_locks_the_row_it_is_given(
         ).all()
         assert [e.data["writer"] for e in keyed] == commits == ["first", "second"]
         assert "aggregate-version" not in keyed[0].header_map  # the owner's version is not the line's
+{%- endif %}
