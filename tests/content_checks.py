@@ -20,8 +20,9 @@ import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 
 #: A Jinja tag or the word cookiecutter left in a generated file (the pinned package
-#: `make update` installs, `cookiecutter==...`, is not residue).
-RESIDUE = re.compile(rb"\{\{|\{%|\{#|cookiecutter(?!==\d)")
+#: `make update` installs, `cookiecutter==...`, is not residue; nor is a GitHub Actions
+#: expression, `${{ job.services.rabbitmq.id }}`, which the template writes on purpose).
+RESIDUE = re.compile(rb"(?<!\$)\{\{|\{%|\{#|cookiecutter(?!==\d)")
 #: cruft's record of the template and the answers: it names cookiecutter by design.
 RECORD = ".cruft.json"
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

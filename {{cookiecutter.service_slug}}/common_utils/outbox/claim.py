@@ -378,4 +378,3 @@ class OutboxStore:
             ).one()
         lag = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
         return {"pending": counts.get(PENDING, 0), "failed": counts.get(FAILED, 0), "lag_seconds": round(lag, 3)}
-
