@@ -252,7 +252,7 @@ class Server:
 
     def migrate(self) -> None:
         subprocess.run(
-            [str(self.venv / "bin" / "flask"), "db", "upgrade"],
+            [str(self.venv / "bin" / "flask"), "db", "upgrade", "heads"],
             cwd=self.project, env=self.env, check=True, capture_output=True,
         )
 
