@@ -6,8 +6,12 @@ drops every table in it before it starts.
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
 import shutil
+from contextlib import contextmanager
 
 import pytest
 from flask_migrate import upgrade
@@ -35,6 +39,18 @@ def require_executable(name: str) -> str:
     if path is None:
         skip_or_fail(f"{name} is not installed")
     return path
+
+
+@contextmanager
+def captured_log_lines():
+    """What the service's JSON handler writes meanwhile, as parsed lines (after create_app)."""
+    handler = next(h for h in logging.getLogger().handlers if getattr(h, "is_service_handler", False))
+    stream = io.StringIO()
+    original = handler.setStream(stream)
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        handler.setStream(original)
 
 
 @pytest.fixture(scope="session")

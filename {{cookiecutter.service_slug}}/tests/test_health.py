@@ -1,15 +1,12 @@
 """Liveness and readiness."""
 
-import io
-import json
-import logging
 import threading
-from contextlib import contextmanager
 
 from sqlalchemy.exc import OperationalError
 
 from app.extensions import db
 from common_utils.health import add_readiness_check
+from tests.conftest import captured_log_lines
 
 
 def test_liveness_reports_service_name(client, app):
@@ -70,18 +67,6 @@ def test_liveness_does_not_touch_the_database(client, monkeypatch):
 
     monkeypatch.setattr(db.session, "execute", broken)
     assert client.get("/health").status_code == 200
-
-
-@contextmanager
-def captured_log_lines():
-    """What the service's JSON handler writes meanwhile, as parsed lines (after create_app)."""
-    handler = next(h for h in logging.getLogger().handlers if getattr(h, "is_service_handler", False))
-    stream = io.StringIO()
-    original = handler.setStream(stream)
-    try:
-        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    finally:
-        handler.setStream(original)
 
 
 class HungCheck:

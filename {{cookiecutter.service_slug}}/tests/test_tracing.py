@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import threading
 from contextlib import contextmanager
@@ -25,6 +23,7 @@ from common_utils.tracing import (
     ForkSafeBatchProcessor,
     traces_endpoint,
 )
+from tests.conftest import captured_log_lines
 from tests.otlp_receiver import OTLPReceiver, free_port
 
 INCOMING_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -59,19 +58,6 @@ def downstream():
     yield f"http://127.0.0.1:{server.server_port}", received
     server.shutdown()
     server.server_close()
-
-
-@contextmanager
-def captured_log_lines():
-    """What the service's JSON handler writes meanwhile, as parsed lines (after create_app)."""
-    root = logging.getLogger()
-    handler = next(h for h in root.handlers if getattr(h, "is_service_handler", False))
-    stream = io.StringIO()
-    original = handler.setStream(stream)
-    try:
-        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    finally:
-        handler.setStream(original)
 
 
 def server_spans(spans: InMemorySpanExporter) -> list:
