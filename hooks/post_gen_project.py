@@ -114,6 +114,12 @@ FEATURES: tuple[Feature, ...] = (
         summary="SQLite",
     ),
     Feature(
+        # The outbox's races on one aggregate need a server database's row locks.
+        name="outbox_row_locks",
+        when={"outbox": ("rabbitmq", "in_process"), "database": ("postgresql", "mysql")},
+        files=("tests/test_outbox_races.py",),
+    ),
+    Feature(
         name="api_versioning",
         title="API versioning",
         when={"use_api_versioning": True},

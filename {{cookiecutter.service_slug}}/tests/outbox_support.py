@@ -11,9 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from app.events import processor
 from app.extensions import db
+from app.models import {{ cookiecutter.__resource_class }}
 from common_utils.outbox import PENDING, OutboxEvent
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -124,3 +126,36 @@ def subprocess_env(database_url: str, **extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@contextmanager
+def outbox_app_with(make_app, **config):
+    """An app with these outbox settings; its relay and connections are closed afterwards."""
+    built = make_app(**config)
+    try:
+        yield built
+    finally:
+        built.extensions["outbox"].close()
+        with built.app_context():
+            db.engine.dispose()
+
+
+def events_of(app, aggregate_id) -> list[OutboxEvent]:
+    with app.app_context():
+        events = db.session.scalars(
+            select(OutboxEvent).where(OutboxEvent.aggregate_id == str(aggregate_id)).order_by(OutboxEvent.position)
+        ).all()
+        db.session.expunge_all()
+        return events
+
+
+def stored_row(app, item_id: int) -> dict:
+    """The row as the database has it now, in the payload's shape."""
+    with app.app_context(), Session(db.engine) as session:
+        return session.get({{ cookiecutter.__resource_class }}, item_id).to_dict()
+
+
+def create_item(app, client, collection_url, new_item) -> int:
+    response = client.post(collection_url, json=new_item)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["id"]

@@ -22,6 +22,7 @@ from common_utils.outbox.relay import OutboxSettings, backoff_delay
 from tests.outbox_support import (
     Recorder,
     check_once_and_in_order,
+    outbox_app_with,
     registered_handler,
     wait_until,
     write_streams,
@@ -36,11 +37,10 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 @pytest.fixture
 def outbox_app(app, make_app):
     """An app whose relay runs the in-process handlers, with fast retries."""
-    built = make_app(OUTBOX_TRANSPORT="in_process", OUTBOX_BACKOFF_BASE=0.01, OUTBOX_BACKOFF_MAX=0.05, OUTBOX_MAX_RETRY=3)
-    yield built
-    built.extensions["outbox"].close()
-    with built.app_context():
-        db.engine.dispose()
+    with outbox_app_with(
+        make_app, OUTBOX_TRANSPORT="in_process", OUTBOX_BACKOFF_BASE=0.01, OUTBOX_BACKOFF_MAX=0.05, OUTBOX_MAX_RETRY=3
+    ) as built:
+        yield built
 
 
 def all_events(app) -> list[OutboxEvent]:

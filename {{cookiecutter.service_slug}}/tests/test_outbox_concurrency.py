@@ -11,11 +11,11 @@ import threading
 
 import pytest
 
-from app.extensions import db
 from tests.outbox_support import (
     Recorder,
     check_once_and_in_order,
     count_pending,
+    outbox_app_with,
     registered_handler,
     wait_until,
     write_streams,
@@ -24,18 +24,16 @@ from tests.outbox_support import (
 
 @pytest.fixture
 def relay_app(app, make_app):
-    built = make_app(
+    with outbox_app_with(
+        make_app,
         OUTBOX_TRANSPORT="in_process",
         OUTBOX_BATCH_SIZE=50,
         OUTBOX_BACKOFF_BASE=0.01,
         OUTBOX_BACKOFF_MAX=0.05,
         OUTBOX_MIN_POLL_INTERVAL=0.01,
         OUTBOX_PROCESSING_INTERVAL=0.2,
-    )
-    yield built
-    built.extensions["outbox"].close()
-    with built.app_context():
-        db.engine.dispose()
+    ) as built:
+        yield built
 
 
 def test_four_relays_publish_each_event_once_in_aggregate_order(relay_app):

@@ -23,24 +23,22 @@ from common_utils.outbox.relay import OutboxSettings
 {%- if cookiecutter.database != "sqlite" %}
 from tests.conftest import skip_or_fail
 {%- endif %}
-from tests.outbox_support import registered_handler, wait_until
+from tests.outbox_support import outbox_app_with, registered_handler, wait_until
 
 
 @pytest.fixture
 def relay_app(app, make_app):
     """An in-process relay with retries slow enough that a failing key stays blocked."""
-    built = make_app(
+    with outbox_app_with(
+        make_app,
         OUTBOX_TRANSPORT="in_process",
         OUTBOX_BACKOFF_BASE=30.0,
         OUTBOX_BACKOFF_MAX=60.0,
         OUTBOX_MIN_POLL_INTERVAL=0.01,
         OUTBOX_PROCESSING_INTERVAL=0.1,
         OUTBOX_RELAY_STALE_AFTER=5.0,
-    )
-    yield built
-    built.extensions["outbox"].close()
-    with built.app_context():
-        db.engine.dispose()
+    ) as built:
+        yield built
 
 
 def write(app, events: list[tuple[str, int]]) -> list[str]:
