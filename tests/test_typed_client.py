@@ -4,7 +4,7 @@ One project is rendered and served as its README says (`flask run`, SQLite);
 openapi-python-client, a tool nobody here wrote, generates a client package
 from the document the service serves at /api/openapi.json; and that client
 round-trips create, get, list, replace, patch and delete, and gets the 404,
-409, 412 (a stale If-Match) and 422 answers parsed into the typed error model, not None. The
+409, 412 (a stale If-Match, a typed argument of the writes) and 422 answers parsed into the typed error model, not None. The
 resource is `line_item`, so names made of several words are covered too
 (the generated functions are `create_line_item`, not
 `post_api_v1_line_items`).
@@ -176,8 +176,9 @@ def test_the_generated_client_round_trips_every_operation(service, client_packag
     # A write conditional on an older version (If-Match, from the ETag of a read) is a typed 412.
     stale_etag = created.headers["ETag"]
     assert ops["get_line_item"].sync_detailed(client=client, item_id=item.id).headers["ETag"] != stale_etag
-    conditional = client_package.Client(base_url=service, headers={"If-Match": stale_etag})  # with_headers would change `client` too
-    stale = ops["update_line_item"].sync_detailed(client=conditional, item_id=item.id, body=models.LineItemUpdate(quantity=8))
+    stale = ops["update_line_item"].sync_detailed(
+        client=client, item_id=item.id, body=models.LineItemUpdate(quantity=8), if_match=stale_etag
+    )
     assert stale.status_code == 412
     assert isinstance(stale.parsed, models.ErrorResponse)
     assert (stale.parsed.error.code, stale.parsed.error.details.to_dict()["id"]) == ("precondition_failed", item.id)

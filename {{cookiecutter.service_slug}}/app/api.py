@@ -61,6 +61,15 @@ WRITE_ERRORS = (400, 409, 413, 415)
 #: Errors of a write to one existing {{ cookiecutter.resource_name.replace('_', ' ') }} (it may have changed since it was read).
 ITEM_WRITE_ERRORS = (404, 409, 412)
 
+#: The conditional-write header of PUT, PATCH and DELETE, declared so typed clients offer it.
+IF_MATCH_PARAMETER = {
+    "in": "header",
+    "name": "If-Match",
+    "required": False,
+    "description": f"The ETag of the {SINGULAR} as last read: the write happens only if it is still "
+    "current (412 otherwise). Without it the write goes ahead whatever changed since.",
+    "schema": {"type": "string"},
+}
 ETAG_HEADER = {
     "ETag": {
         "description": f"The {SINGULAR}'s version: send it back as If-Match to change it only if "
@@ -145,14 +154,20 @@ def commit_or_409(item: {{ cookiecutter.__resource_class }}) -> None:
 
 
 def documented(blueprint: Blueprint, operation_id: str, *errors: int) -> Callable:
-    """Name a view's operation and document the errors it can answer, besides ANY_REQUEST_ERRORS."""
+    """Name a view's operation and document the errors it can answer, besides ANY_REQUEST_ERRORS.
+
+    An operation that can answer 412 is a conditional write: it also declares If-Match.
+    """
+    doc = {"operationId": operation_id}
+    if 412 in errors:
+        doc["parameters"] = [IF_MATCH_PARAMETER]
 
     def decorate(view: Callable) -> Callable:
         for status in sorted({*errors, *ANY_REQUEST_ERRORS}, reverse=True):
             view = blueprint.alt_response(
                 status, schema=ErrorResponseSchema, description=ERROR_DESCRIPTIONS[status]
             )(view)
-        return blueprint.doc(operationId=operation_id)(view)
+        return blueprint.doc(**doc)(view)
 
     return decorate
 

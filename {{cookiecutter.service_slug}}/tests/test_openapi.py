@@ -127,6 +127,23 @@ def test_documented_statuses_are_the_ones_served(client, collection_url, new_ite
     assert "412" in operations[("put", item_path)]["responses"]
 
 
+def test_conditional_writes_declare_if_match(operations, collection_url):
+    """PUT, PATCH and DELETE declare the optional If-Match header, so typed clients can send it."""
+    declared = {
+        (method, path): [
+            (parameter["in"], parameter["name"], parameter["required"])
+            for parameter in operation.get("parameters", [])
+            if parameter["in"] == "header"
+        ]
+        for (method, path), operation in operations.items()
+    }
+    item_path = collection_url + "/{item_id}"
+    conditional = {("put", item_path), ("patch", item_path), ("delete", item_path)}
+    assert {key for key, headers in declared.items() if headers} == conditional
+    for key in conditional:
+        assert declared[key] == [("header", "If-Match", False)], key
+
+
 def test_a_partial_update_documents_no_defaults(spec):
     """PATCH changes only what is sent: its schema has no default a client would send for it."""
     update = spec["components"]["schemas"]["{{ cookiecutter.__resource_class }}Update"]["properties"]
