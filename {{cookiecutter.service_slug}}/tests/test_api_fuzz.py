@@ -21,12 +21,15 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from werkzeug.serving import make_server
 
 logger = logging.getLogger(__name__)
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "5"))  # per operation and phase
 SEED = os.environ.get("FUZZ_SEED", "1")
+#: The statuses a valid request may meet (a stale If-Match is a 412); `st run` in the project reads it too.
+CONFIG = Path(__file__).resolve().parent.parent / "schemathesis.toml"
 
 
 @contextmanager
@@ -47,7 +50,8 @@ def test_schemathesis_with_every_check_finds_nothing(app, tmp_path):
     with serving(app) as base_url:
         result = subprocess.run(
             [
-                sys.executable, "-m", "schemathesis.cli", "run", f"{base_url}/api/openapi.json",
+                sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG),
+                "run", f"{base_url}/api/openapi.json",
                 "--checks", "all",
                 "--max-examples", str(EXAMPLES),
                 "--seed", SEED,
