@@ -4,8 +4,9 @@
   (tests/rendering.py, tests/matrix.py); every matrix and deployment-file
   check reads it.
 - The generated projects' own suites start in background lanes as soon as
-  collection ends (tests/suites.py), so they run beside the matrix; their
-  tests in tests/test_generated_suites.py wait for their results.
+  collection ends (tests/suites.py); their tests in
+  tests/test_generated_suites.py wait for their results and run last, so
+  every other test runs beside the lanes.
 - With CI set, a skipped test is a failed test: in CI every service and tool
   must be there.
 - The run ends with a summary: combinations rendered, distinct files checked,
