@@ -752,10 +752,10 @@ def test_cruft_create_refuses_a_bad_answer_like_cookiecutter(template_repo, tmp_
     assert list(out.iterdir()) == []
 
 
-def test_sqlite_service_takes_the_update_and_each_feature_one_at_a_time(
+def test_sqlite_service_takes_the_update_and_every_feature_a_few_at_a_time(
     template_repo, service_venv, tmp_path
 ):
-    """All features off at A; then A -> B (a conflict in .gitignore, resolved) and every feature on, one by one."""
+    """All features off at A; then A -> B (a conflict in .gitignore, resolved) and every feature on, a few per update."""
     database = tmp_path / "service.db"
     service = start_service(
         template_repo,
