@@ -4,8 +4,9 @@
   (tests/rendering.py, tests/matrix.py); every matrix and deployment-file
   check reads it.
 - The generated projects' own suites start in background lanes as soon as
-  collection ends (tests/suites.py), so they run beside the matrix; their
-  tests in tests/test_generated_suites.py wait for their results.
+  collection ends (tests/suites.py); their tests in
+  tests/test_generated_suites.py wait for their results and run last, so
+  every other test runs beside the lanes.
 - With CI set, a skipped test is a failed test: in CI every service and tool
   must be there.
 - The run ends with a summary: combinations rendered, distinct files checked,
@@ -61,17 +62,31 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped in CI, which counts as a failure: {reason}"
 
 
+def suite_of(item):
+    """The generated suite a test waits for, or None."""
+    from tests.suites import Suite
+
+    suite = item.callspec.params.get("suite") if getattr(item, "callspec", None) is not None else None
+    return suite if isinstance(suite, Suite) else None
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that wait for a generated suite run last.
+
+    Until then the main thread runs every other test (the matrix, the updates,
+    the typed client, ...) beside the suites' lanes, so both cores stay busy;
+    waiting for the suites first would leave those tests one core at the end.
+    """
+    items[:] = [item for item in items if suite_of(item) is None] + [item for item in items if suite_of(item)]
+
+
 def pytest_collection_finish(session):
     """Start the generated suites of the selected tests, in background lanes."""
     if session.config.option.collectonly:
         return
-    from tests.suites import Lanes, Suite
+    from tests.suites import Lanes
 
-    suites = [
-        item.callspec.params["suite"]
-        for item in session.items
-        if getattr(item, "callspec", None) is not None and isinstance(item.callspec.params.get("suite"), Suite)
-    ]
+    suites = [suite for suite in map(suite_of, session.items) if suite is not None]
     if suites:
         session.config.stash[LANES_KEY] = Lanes(suites)
         ci_report.REPORT.lanes = session.config.stash[LANES_KEY]

@@ -5,7 +5,7 @@ commit B (A plus a change to a shared file and to a feature file). Services
 are generated from A with plain `cookiecutter`, committed, given a file, a
 model and a migration of the team's own and a database with rows; then
 `make update` (cruft update and the migration step) takes them to B and turns
-features on, one update at a time, and one feature off again. After every
+features on, a few per update, and one feature off again. After every
 update:
 
 - the project is exactly a fresh render of the same commit with the same
@@ -543,21 +543,43 @@ def start_service(template_repo, tmp_path, venv, answers, database_url, rows) ->
     return service
 
 
+#: Toggles turned on by one update in the feature sequence (see feature_steps).
+TOGGLES_PER_UPDATE = 3
+
+
 def feature_steps(database: str) -> list[dict]:
-    """Answers that turn each feature with files or tables on, one update at a time, from all off."""
-    steps = []
+    """Answers that turn each feature with files or tables on, from all off, in a few updates.
+
+    The toggles come TOGGLES_PER_UPDATE at a time: each one's files still
+    arrive by an update, and the later updates patch shared files an earlier
+    one already changed. Each outbox value gets an update of its own (its
+    tables, the merge with the team's migration, then the switch of relay).
+    An update turning on one toggle at a time would check nothing more: the
+    project after it is compared with a fresh render of its answers, and every
+    combination's render is checked by the matrix.
+    """
+    toggles: dict = {}
+    choices: list[dict] = []
     answers = {**ALL_OFF, "database": database}
     for question, values in matrix_questions().items():
         if question == "database":
             continue
-        choices = [True] if isinstance(values[0], bool) else [v for v in reversed(values) if v != "none"]
-        for value in choices:
+        options = [True] if isinstance(values[0], bool) else [v for v in reversed(values) if v != "none"]
+        for value in options:
             candidate = {**answers, question: value}
             if feature_table().incompatible_answers(candidate):
                 continue
-            steps.append({question: value})
+            if isinstance(value, bool):
+                toggles[question] = value
+            else:
+                choices.append({question: value})
             answers = candidate
-    return steps
+    names = list(toggles)
+    grouped = [
+        {name: toggles[name] for name in names[start : start + TOGGLES_PER_UPDATE]}
+        for start in range(0, len(names), TOGGLES_PER_UPDATE)
+    ]
+    return grouped + choices
 
 
 # --------------------------------------------------------------------------- tests
@@ -730,10 +752,10 @@ def test_cruft_create_refuses_a_bad_answer_like_cookiecutter(template_repo, tmp_
     assert list(out.iterdir()) == []
 
 
-def test_sqlite_service_takes_the_update_and_each_feature_one_at_a_time(
+def test_sqlite_service_takes_the_update_and_every_feature_a_few_at_a_time(
     template_repo, service_venv, tmp_path
 ):
-    """All features off at A; then A -> B (a conflict in .gitignore, resolved) and every feature on, one by one."""
+    """All features off at A; then A -> B (a conflict in .gitignore, resolved) and every feature on, a few per update."""
     database = tmp_path / "service.db"
     service = start_service(
         template_repo,
@@ -767,7 +789,7 @@ def test_sqlite_service_takes_the_update_and_each_feature_one_at_a_time(
 
 def test_postgresql_service_turns_the_outbox_on_and_off(template_repo, service_venv, tmp_path):
     """A few features on at A, on PostgreSQL: A -> B with the outbox (tables beside the team's migration),
-    Kubernetes, then the outbox off again (its tables dropped, everything else kept)."""
+    then the outbox off again (its tables dropped, everything else kept) with Kubernetes on."""
     answers = {
         **ALL_OFF,
         "database": "postgresql",
@@ -793,8 +815,10 @@ def test_postgresql_service_turns_the_outbox_on_and_off(template_repo, service_v
         assert any("merge" in name for name in service.team_migrations), "the branches were joined"
         service.create_resources(["with events"])
         assert service.rows()["outbox_events"], "the outbox works after the update"
-        service.update("use_kubernetes=True", {"use_kubernetes": True})
-        service.update("outbox=none (off again)", {"outbox": "none"})
+        # Kubernetes (files only) comes with the outbox's removal: one update less, the same checks.
+        service.update(
+            "outbox=none (off again), use_kubernetes=True", {"outbox": "none", "use_kubernetes": True}
+        )
         rows = service.rows()
         assert "outbox_events" not in rows, "turning the outbox off drops its tables"
         assert len(rows["orders"]) == 3

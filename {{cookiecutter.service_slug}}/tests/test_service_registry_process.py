@@ -1,7 +1,8 @@
 """Registration by the process that serves: once per instance, gone on SIGTERM before the drain.
 
 Each test starts the real service in a subprocess against the Consul
-stand-in: `flask run`, `python main.py` and gunicorn with two workers.
+stand-in: `flask run` (as `python main.py` would), and one gunicorn with two
+workers that lives through Consul down, up, a recycled worker and SIGTERM.
 """
 
 from __future__ import annotations
@@ -142,27 +143,60 @@ def app_with_a_held_route():
     return app
 
 
-@pytest.mark.gunicorn
-def test_gunicorn_registers_once_and_deregisters_before_draining(tmp_path, consul):
-    """One registration for two workers; a recycled worker deregisters nothing; SIGTERM deregisters first.
+def served_by(service: Service) -> set[str]:
+    """The worker pids in gunicorn's access log lines ("served-by <pid>")."""
+    messages = [json.loads(line)["message"] for line in service.lines if line.startswith("{")]
+    return {message.split()[1].strip("<>") for message in messages if message.startswith("served-by ")}
 
-    With a request in flight, the deregistration reaches the agent while
-    that request is still running; the request then completes (the drain)
-    and gunicorn exits cleanly.
+
+@pytest.mark.gunicorn
+def test_gunicorn_serves_without_consul_then_registers_once_and_deregisters_before_draining(tmp_path):
+    """Consul down at start: every worker serves; once it is up, one registration, kept until SIGTERM drains.
+
+    One gunicorn (two workers) plays a whole life, each step checked as it happens:
+
+    - the agent is not there yet: the master retries in the background and
+      every worker it forks starts and serves (no fork deadlock); readiness
+      says the registry is down but not critical; the failure is logged;
+    - the agent comes up: the master registers the instance once, and a
+      worker's readiness sees the id the master registered;
+    - one worker fewer (TTOU) exits as a recycled worker would and leaves
+      the instance registered;
+    - SIGTERM with a request in flight: the deregistration reaches the agent
+      while that request is still running, the request then completes (the
+      drain) and gunicorn exits cleanly.
     """
     port = free_port()
+    consul = ConsulStandIn()  # its port is chosen; nothing listens there until start()
     env = {
         **service_env(tmp_path, consul, port),
         "GUNICORN_WORKERS": "2",
         "GUNICORN_THREADS": "2",
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),  # used when metrics are on
+        "CONSUL_RETRY_MAX_DELAY": "1",  # once the agent is up, the next retry comes within a second
     }
     command = [
         sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
+        "--access-logfile", "-", "--access-logformat", "served-by %(p)s",
         "tests.test_service_registry_process:app_with_a_held_route()",
     ]
     service = Service(command, env, port)
+    url = f"http://127.0.0.1:{port}/health"
+
+    def burst():
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            list(pool.map(lambda _: urllib.request.urlopen(url, timeout=5).read(), range(12)))
+        return len(served_by(service)) == 2
+
     try:
+        wait_for(service.readiness_check, 60, "gunicorn to serve")  # workers import the whole app first
+        check = service.readiness_check()
+        assert check["status"] == "down"  # not registered: reported, not fatal
+        assert check["critical"] is False
+        wait_for(burst, 60, "both workers to serve")
+        assert any("unreachable" in line and "common_utils.service_registry" in line for line in service.lines)
+
+        consul.start()
         [registration] = wait_for(consul.registrations, 60, "gunicorn's master to register")
         assert registration.body["port"] == port
         assert registration.body["address"] == "127.0.0.1"
@@ -170,7 +204,7 @@ def test_gunicorn_registers_once_and_deregisters_before_draining(tmp_path, consu
         # A worker's readiness asks the agent about the id the master registered.
         check = wait_for(
             lambda: (c := service.readiness_check()) and c["status"] == "up" and c,
-            60,  # a worker imports the whole app first: seconds on a busy machine
+            60,
             "a worker to see the registration",
         )
         assert check["status"] == "up"
@@ -200,44 +234,7 @@ def test_gunicorn_registers_once_and_deregisters_before_draining(tmp_path, consu
     finally:
         consul.release.set()
         service.kill()
+        consul.stop()
 
     assert [call.path for call in consul.deregistrations()] == [f"/v1/agent/service/deregister/{service_id}"]
     assert len(consul.registrations()) == 1
-
-
-@pytest.mark.gunicorn
-def test_gunicorn_workers_all_serve_while_consul_is_down(tmp_path):
-    """With the master retrying an absent agent, every worker it forks starts and serves (no fork deadlock)."""
-    port = free_port()
-    absent = ConsulStandIn()  # never started: nothing listens on its port
-    env = {
-        **service_env(tmp_path, absent, port),
-        "GUNICORN_WORKERS": "2",
-        "GUNICORN_THREADS": "1",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
-    }
-    command = [
-        sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
-        "--access-logfile", "-", "--access-logformat", "served-by %(p)s",
-    ]
-    service = Service(command, env, port)
-    url = f"http://127.0.0.1:{port}/health"
-
-    def served_by() -> set[str]:
-        messages = [json.loads(line)["message"] for line in service.lines if line.startswith("{")]
-        return {message.split()[1].strip("<>") for message in messages if message.startswith("served-by ")}
-
-    def burst():
-        with ThreadPoolExecutor(max_workers=6) as pool:
-            list(pool.map(lambda _: urllib.request.urlopen(url, timeout=5).read(), range(12)))
-        return len(served_by()) == 2
-
-    try:
-        wait_for(service.readiness_check, 60, "gunicorn to serve")
-        check = service.readiness_check()
-        assert check["status"] == "down"  # not registered: reported, not fatal
-        assert check["critical"] is False
-        wait_for(burst, 60, "both workers to serve")
-        assert any("unreachable" in line and "common_utils.service_registry" in line for line in service.lines)
-    finally:
-        service.kill()
