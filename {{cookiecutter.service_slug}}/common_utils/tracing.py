@@ -57,11 +57,10 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, current_app, g, has_app_context, request
+from flask import Flask, current_app, has_app_context
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -334,77 +333,92 @@ ENVIRON_GETTER = EnvironGetter()
 
 
 class RequestSpans:
-    """One SERVER span per request, from three Flask hooks.
+    """WSGI middleware: one SERVER span per request.
 
     Why not opentelemetry-instrumentation-flask: it spent about 550 Python
     calls on every recorded request span and 575 on one the sampler left
-    out (WSGI wrapping, semantic-convention mode lookups, metrics of its
-    own, attributes built before the sampler is asked), a third of what a
-    whole all-off request costs. These hooks do the same job with the
-    OpenTelemetry API: the caller's traceparent (and baggage) through the
-    global propagator, a span named `METHOD route` (just the method when
-    no route matched: span names must not grow with what clients send),
-    the attributes the instrumentation set (its default, pre-1.20
-    semantic-convention names, so existing Jaeger queries keep working),
-    ERROR on a 5xx and an exception that reaches teardown recorded. A span
-    the sampler leaves out gets no attribute work at all.
+    out (a WSGI wrapper and three Flask hooks, semantic-convention mode
+    lookups, duration metrics of its own, attributes built before the
+    sampler is asked), a fifth of what a whole all-off request costs.
+    This does the same job with the OpenTelemetry API in one wrapper: the
+    caller's traceparent (and baggage) through the global propagator, a
+    span named `METHOD route` (just the method when no route matched:
+    span names must not grow with what clients send), the attributes the
+    instrumentation set (its default, pre-1.20 semantic-convention names,
+    so existing Jaeger queries keep working), ERROR on a 5xx, and an
+    exception that escapes the app recorded. The attributes are read
+    when the app is done, so ProxyFix's rewrite of the client address is
+    in them, and a span the sampler leaves out costs no attribute work.
     """
 
-    def __init__(self, tracer: trace.Tracer, excluded: re.Pattern | None):
+    def __init__(self, wsgi_app, tracer: trace.Tracer, excluded: re.Pattern | None):
+        self.wsgi_app = wsgi_app
         self.tracer = tracer
         self.excluded = excluded
 
-    def init_app(self, app: Flask) -> None:
-        app.before_request(self.start)
-        app.after_request(self.record_status)
-        app.teardown_request(self.end)
-
-    def start(self) -> None:
-        environ = request.environ
-        if self.excluded is not None and self.excluded.search(request.url):
+    def __call__(self, environ, start_response):
+        if self.excluded is not None and self.excluded.search(request_url(environ)):
             # No spans at all while serving a probe: without this its SQL and
             # Consul calls would each start a trace of their own.
-            quiet = ExitStack()
-            quiet.enter_context(suppress_instrumentation())
-            g.tracing_quiet = quiet
-            return
+            with suppress_instrumentation():
+                return self.wsgi_app(environ, start_response)
         parent = propagate.extract(environ, getter=ENVIRON_GETTER)
-        method = environ.get("REQUEST_METHOD", "")
-        rule = request.url_rule
-        route = rule.rule if rule is not None else None
-        span = self.tracer.start_span(f"{method} {route}" if route else method, parent, SpanKind.SERVER)
-        if span.is_recording():
-            span.set_attributes(request_attributes(environ, method, route))
-        g.tracing_span = span
-        g.tracing_token = otel_context.attach(trace.set_span_in_context(span, parent))
-
-    def record_status(self, response):
-        span = g.get("tracing_span")
-        if span is not None and span.is_recording():
-            status = response.status_code
-            span.set_attribute("http.status_code", status)
-            if status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-        return response
-
-    def end(self, error: BaseException | None = None) -> None:
-        span = g.pop("tracing_span", None)
-        if span is not None:
-            if error is not None and span.is_recording():
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        span = self.tracer.start_span(environ.get("REQUEST_METHOD", ""), parent, SpanKind.SERVER)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        try:
+            if not span.is_recording():
+                return self.wsgi_app(environ, start_response)
+            return self._recorded(span, environ, start_response)
+        finally:
             span.end()
-        token = g.pop("tracing_token", None)
-        if token is not None:
             otel_context.detach(token)
-        quiet = g.pop("tracing_quiet", None)
-        if quiet is not None:
-            quiet.close()
+
+    def _recorded(self, span: trace.Span, environ, start_response):
+        answered: list[tuple[str, str | None]] = []
+
+        def keep_status(status: str, headers, exc_info=None):
+            # Flask answers while its request is still in the environ: the route it matched.
+            rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
+            answered.append((status, rule.rule if rule is not None else None))
+            return start_response(status, headers, exc_info)
+
+        try:
+            return self.wsgi_app(environ, keep_status)
+        except Exception as error:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            raise
+        finally:
+            status, route = answered[-1] if answered else (None, None)
+            attributes = request_attributes(environ, route)
+            if route is not None:
+                span.update_name(f"{attributes['http.method']} {route}")
+            if status is not None:
+                code = int(status[:3])
+                attributes["http.status_code"] = code
+                if code >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+            span.set_attributes(attributes)
 
 
-def request_attributes(environ: Mapping[str, Any], method: str, route: str | None) -> dict[str, Any]:
+def request_url(environ: Mapping[str, Any]) -> str:
+    """The URL the excluded-URL patterns are searched in (scheme, host, path and query, as sent)."""
+    query = environ.get("QUERY_STRING")
+    return "".join(
+        (
+            environ.get("wsgi.url_scheme", "http"),
+            "://",
+            environ.get("HTTP_HOST") or environ.get("SERVER_NAME", ""),
+            environ.get("SCRIPT_NAME", ""),
+            environ.get("PATH_INFO", ""),
+            "?" + query if query else "",
+        )
+    )
+
+
+def request_attributes(environ: Mapping[str, Any], route: str | None) -> dict[str, Any]:
     """The attributes opentelemetry-instrumentation-flask recorded, read from the WSGI environ."""
-    attributes: dict[str, Any] = {"http.method": method, "http.scheme": environ.get("wsgi.url_scheme")}
+    attributes: dict[str, Any] = {"http.method": environ.get("REQUEST_METHOD", ""), "http.scheme": environ.get("wsgi.url_scheme")}
     for name, key in REQUEST_ATTRIBUTES:
         value = environ.get(key)
         if value:
@@ -447,17 +461,23 @@ def excluded_urls(patterns: str) -> re.Pattern | None:
 
 
 class SqlSpans:
-    """A CLIENT span per SQL statement of one engine, from SQLAlchemy's cursor events.
+    """A CLIENT span around each SQL statement one engine sends to its database.
 
     Why not opentelemetry-instrumentation-sqlalchemy: it reads the engine's
     URL, the driver's connection info and the semantic-convention modes on
-    every statement and builds its attributes before the sampler is asked.
-    The engine's part never changes, so it is read once here; a statement
-    adds only its text. With `skip_unsampled` (a parent-based sampler, the
-    default) a statement inside a request the sampler left out starts no
-    span at all (it would be dropped); statements outside any request still
-    go to the sampler. Names and attributes are the instrumentation's
-    (`SELECT orders_db`, db.system, db.name, db.statement, ...).
+    every statement and builds its attributes before the sampler is asked,
+    and its Connection-level events make SQLAlchemy join an event dispatch
+    for every connection it hands out, about 80 Python calls a request
+    even when nothing is recorded. This listens to the dialect's
+    do_execute events instead, which SQLAlchemy offers for wrapping the
+    driver call: the span starts, the dialect's own do_execute runs, the
+    span ends (ERROR with the driver's message if it raised). The engine's
+    attributes never change, so they are read once; a statement adds its
+    text. With `skip_unsampled` (a parent-based sampler, the default) a
+    statement inside a request the sampler left out starts no span at all
+    (it would be dropped); statements outside any request still go to the
+    sampler. Names and attributes are the instrumentation's (`SELECT
+    orders_db`, db.system, db.name, db.statement, ...).
     """
 
     def __init__(self, state: TracingState, engine: Engine, skip_unsampled: bool):
@@ -477,39 +497,45 @@ class SqlSpans:
         ):
             if value:
                 self.engine_attributes[name] = value
-        event.listen(engine, "before_cursor_execute", self.before_execute, retval=True)
-        event.listen(engine, "after_cursor_execute", self.after_execute)
-        event.listen(engine, "handle_error", self.on_error)
+        dialect = engine.dialect
+        for event_name, run in (
+            ("do_execute", lambda cursor, statement, parameters, context: dialect.do_execute(cursor, statement, parameters, context)),
+            ("do_execute_no_params", lambda cursor, statement, parameters, context: dialect.do_execute_no_params(cursor, statement, context)),
+            ("do_executemany", lambda cursor, statement, parameters, context: dialect.do_executemany(cursor, statement, parameters, context)),
+        ):
+            event.listen(engine, event_name, self._traced(run))
 
-    def before_execute(self, conn, cursor, statement, params, context, executemany):
+    def _traced(self, run: Callable[..., Any]) -> Callable[..., bool]:
+        def execute(cursor, statement, parameters, context) -> bool:
+            span = self.start(statement)
+            if span is None:
+                run(cursor, statement, parameters, context)
+                return True
+            try:
+                run(cursor, statement, parameters, context)
+            except Exception as error:
+                if span.is_recording():
+                    span.set_status(Status(StatusCode.ERROR, str(error)))
+                raise
+            finally:
+                span.end()
+            return True  # the statement ran: SQLAlchemy must not run it again
+
+        return execute
+
+    def start(self, statement: str) -> trace.Span | None:
+        """The statement's span, or None when it gets none (unsampled request, probe, instrumentation off)."""
         parent = trace.get_current_span().get_span_context()
         if self.skip_unsampled and parent.is_valid and not parent.trace_flags.sampled:
-            return statement, params
+            return None
         if not is_instrumentation_enabled():
-            return statement, params
-        words = statement.split(None, 1) if isinstance(statement, str) else ()
+            return None
+        words = statement.split(None, 1)
         name = words[0] + self.suffix if words else self.fallback_name
         span = self.state.tracer(SQLALCHEMY_SCOPE).start_span(name, kind=SpanKind.CLIENT)
         if span.is_recording():
             span.set_attributes({**self.engine_attributes, "db.statement": statement, "db.operation": name})
-        context._otel_span = span
-        return statement, params
-
-    @staticmethod
-    def after_execute(conn, cursor, statement, params, context, executemany) -> None:
-        span = getattr(context, "_otel_span", None)
-        if span is not None:
-            context._otel_span = None
-            span.end()
-
-    @staticmethod
-    def on_error(exception_context) -> None:
-        span = getattr(exception_context.execution_context, "_otel_span", None)
-        if span is not None:
-            exception_context.execution_context._otel_span = None
-            if span.is_recording():
-                span.set_status(Status(StatusCode.ERROR, str(exception_context.original_exception)))
-            span.end()
+        return span
 
 
 @dataclass(eq=False)  # hashable by identity, for the WeakSet of live states
@@ -655,7 +681,7 @@ class Tracer:
             # An app that is thrown away (tests build dozens) must not leave its export thread behind.
             weakref.finalize(state, stop_in_background, processor).atexit = False
 
-        RequestSpans(state.tracer(FLASK_SCOPE), excluded_urls(config["TRACING_EXCLUDED_URLS"])).init_app(app)
+        app.wsgi_app = RequestSpans(app.wsgi_app, state.tracer(FLASK_SCOPE), excluded_urls(config["TRACING_EXCLUDED_URLS"]))
         self._instrument_engines(app, state)
         instrument_process()
         add_trace_ids_to_service_logs()
