@@ -10,11 +10,13 @@ import pytest
 import requests
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from app.extensions import tracer
+from app.extensions import db, tracer
 from app.request_logging import configure_logging
 from common_utils import tracing
 from common_utils.tracing import (
@@ -116,6 +118,39 @@ def test_sql_statements_are_child_spans_of_the_request(traced, collection_url):
         assert span.attributes["db.system"] == dialect
         assert span.parent.span_id == request_span.context.span_id
         assert span.context.trace_id == request_span.context.trace_id
+
+
+def test_server_errors_mark_the_request_span(traced):
+    """A 5xx answer sets the request span's status to ERROR; a 4xx does not."""
+    app, spans = traced()
+
+    def broken():
+        raise RuntimeError("boom")
+
+    app.add_url_rule("/broken", "broken", broken)
+    client = app.test_client()
+    assert client.get("/broken").status_code == 500
+    assert client.get("/no-such-page").status_code == 404
+
+    failed, missing = server_spans(spans)
+    assert (failed.name, status_code(failed), failed.status.status_code) == ("GET /broken", 500, StatusCode.ERROR)
+    assert (missing.name, status_code(missing), missing.status.status_code) == ("GET", 404, StatusCode.UNSET)
+
+
+def test_failed_statement_span_carries_the_error(traced):
+    """A statement the database refuses is a CLIENT span with status ERROR; the error still reaches the caller."""
+    app, spans = traced()
+    with app.app_context(), tracer.span("work"):
+        with pytest.raises(DBAPIError):
+            db.session.execute(text("SELECT no_such_column FROM no_such_table"))
+        db.session.rollback()
+        db.session.connection().exec_driver_sql("SELECT 1", execution_options={"no_parameters": True})
+
+    by_statement = {sql_statement(span): span for span in spans.get_finished_spans() if span.kind == SpanKind.CLIENT}
+    failed, plain = by_statement["SELECT no_such_column FROM no_such_table"], by_statement["SELECT 1"]
+    assert failed.status.status_code == StatusCode.ERROR
+    assert "no_such" in failed.status.description
+    assert (sql_statement(plain), plain.status.status_code) == ("SELECT 1", StatusCode.UNSET)
 
 
 def test_outgoing_request_carries_traceparent(traced, downstream):
