@@ -374,7 +374,7 @@ class RequestSpans:
             with suppress_instrumentation():
                 return self.wsgi_app(environ, start_response)
         parent = propagate.extract(environ, getter=ENVIRON_GETTER)
-        span = self.tracer.start_span(environ.get("REQUEST_METHOD", ""), parent, SpanKind.SERVER)
+        span = self.tracer.start_span(environ.get("REQUEST_METHOD", ""), context=parent, kind=SpanKind.SERVER)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
             if not span.is_recording():
@@ -429,7 +429,10 @@ def request_url(environ: Mapping[str, Any]) -> str:
 
 def request_attributes(environ: Mapping[str, Any], route: str | None) -> dict[str, Any]:
     """The attributes opentelemetry-instrumentation-flask recorded, read from the WSGI environ."""
-    attributes: dict[str, Any] = {"http.method": environ.get("REQUEST_METHOD", ""), "http.scheme": environ.get("wsgi.url_scheme")}
+    attributes: dict[str, Any] = {
+        "http.method": environ.get("REQUEST_METHOD", ""),
+        "http.scheme": environ.get("wsgi.url_scheme"),
+    }
     for name, key in REQUEST_ATTRIBUTES:
         value = environ.get(key)
         if value:
@@ -491,8 +494,8 @@ class SqlSpans:
     orders_db`, db.system, db.name, db.statement, ...).
     """
 
-    def __init__(self, state: TracingState, engine: Engine, skip_unsampled: bool):
-        self.state = state
+    def __init__(self, tracer: trace.Tracer, engine: Engine, skip_unsampled: bool):
+        self.tracer = tracer
         self.skip_unsampled = skip_unsampled
         url = engine.url
         system = engine.dialect.name
@@ -539,7 +542,7 @@ class SqlSpans:
             return None
         words = statement.split(None, 1)
         name = words[0] + self.suffix if words else self.fallback_name
-        span = self.state.tracer(SQLALCHEMY_SCOPE).start_span(name, kind=SpanKind.CLIENT)
+        span = self.tracer.start_span(name, kind=SpanKind.CLIENT)
         if span.is_recording():
             span.set_attributes({**self.engine_attributes, "db.statement": statement, "db.operation": name})
         return span
@@ -688,7 +691,8 @@ class Tracer:
             # An app that is thrown away (tests build dozens) must not leave its export thread behind.
             weakref.finalize(state, stop_in_background, processor).atexit = False
 
-        app.wsgi_app = RequestSpans(app.wsgi_app, state.tracer(FLASK_SCOPE), excluded_urls(config["TRACING_EXCLUDED_URLS"]))
+        excluded = excluded_urls(config["TRACING_EXCLUDED_URLS"])
+        app.wsgi_app = RequestSpans(app.wsgi_app, state.tracer(FLASK_SCOPE), excluded)
         self._instrument_engines(app, state)
         instrument_process()
         add_trace_ids_to_service_logs()
@@ -705,7 +709,7 @@ class Tracer:
             engines = list(sqlalchemy.engines.values())
         skip_unsampled = drops_children_of_unsampled(state.provider)
         for engine in engines:
-            SqlSpans(state, engine, skip_unsampled)
+            SqlSpans(state.tracer(SQLALCHEMY_SCOPE), engine, skip_unsampled)
 
     @staticmethod
     def state(app: Flask | None = None) -> TracingState | None:
