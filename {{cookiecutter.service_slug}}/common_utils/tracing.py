@@ -77,7 +77,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
-from opentelemetry.propagators.textmap import Getter
+from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -341,6 +341,9 @@ class EnvironGetter(Getter):
 
 
 ENVIRON_GETTER = EnvironGetter()
+#: The headers of the default propagators (tracecontext, baggage), and the context they extract without them.
+W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
+EMPTY_CONTEXT = otel_context.Context()
 
 
 class RequestSpans:
@@ -366,6 +369,8 @@ class RequestSpans:
         self.wsgi_app = wsgi_app
         self.tracer = tracer
         self.excluded = excluded
+        self._textmap: TextMapPropagator | None = None
+        self._w3c_only = False
 
     def __call__(self, environ, start_response):
         if self.excluded is not None and self.excluded.search(request_url(environ)):
@@ -373,7 +378,7 @@ class RequestSpans:
             # Consul calls would each start a trace of their own.
             with suppress_instrumentation():
                 return self.wsgi_app(environ, start_response)
-        parent = propagate.extract(environ, getter=ENVIRON_GETTER)
+        parent = self._caller_context(environ)
         span = self.tracer.start_span(environ.get("REQUEST_METHOD", ""), context=parent, kind=SpanKind.SERVER)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
@@ -383,6 +388,15 @@ class RequestSpans:
         finally:
             span.end()
             otel_context.detach(token)
+
+    def _caller_context(self, environ) -> otel_context.Context:
+        """The caller's trace context (traceparent, baggage) from the global propagator."""
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:  # OTEL_PROPAGATORS, or set_global_textmap() since
+            self._textmap, self._w3c_only = textmap, textmap.fields <= W3C_FIELDS
+        if self._w3c_only and "HTTP_TRACEPARENT" not in environ and "HTTP_BAGGAGE" not in environ:
+            return EMPTY_CONTEXT  # what the W3C propagators would find, without their dozen calls
+        return textmap.extract(environ, getter=ENVIRON_GETTER)
 
     def _recorded(self, span: trace.Span, environ, start_response):
         answered: list[tuple[str, str | None]] = []

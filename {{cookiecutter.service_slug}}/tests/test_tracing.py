@@ -8,9 +8,11 @@ from contextlib import contextmanager
 
 import pytest
 import requests
+from opentelemetry import propagate
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from werkzeug.serving import make_server
@@ -178,6 +180,32 @@ def test_incoming_traceparent_is_continued(traced, collection_url):
     assert f"{request_span.context.trace_id:032x}" == INCOMING_TRACE_ID
     assert f"{request_span.parent.span_id:016x}" == INCOMING_PARENT_ID
     assert request_span.parent.is_remote
+
+
+class HeaderPropagator(TraceContextTextMapPropagator):
+    """W3C trace context, but read from another header (as B3 or Jaeger propagators would)."""
+
+    def extract(self, carrier, context=None, getter=None):
+        value = getter.get(carrier, "x-other-trace")
+        return super().extract({"traceparent": value[0]} if value else {}, context)
+
+    @property
+    def fields(self):
+        return {"x-other-trace"}
+
+
+def test_a_configured_propagator_is_used(traced, collection_url):
+    """The global propagator (OTEL_PROPAGATORS) reads the caller's context, whatever header it uses."""
+    app, spans = traced()
+    default = propagate.get_global_textmap()
+    propagate.set_global_textmap(HeaderPropagator())
+    try:
+        app.test_client().get(collection_url, headers={"X-Other-Trace": INCOMING["traceparent"]})
+    finally:
+        propagate.set_global_textmap(default)
+
+    [request_span] = server_spans(spans)
+    assert f"{request_span.context.trace_id:032x}" == INCOMING_TRACE_ID
 
 
 def test_two_apps_keep_their_spans_apart(traced, downstream, collection_url):
