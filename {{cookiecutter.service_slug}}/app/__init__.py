@@ -66,7 +66,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     migrate.init_app(app, db)
 {%- if cookiecutter.use_tracing %}
-    tracer.init_app(app)  # early: its before_request must run before any that can answer first
+    tracer.init_app(app)  # wraps the WSGI app: its span covers every hook, whichever answers first
 {%- endif %}
     # info.version is the service's release, which a generated client package
     # takes as its version; flask-smorest would prefer API_VERSION (in the paths).

@@ -1,17 +1,28 @@
 """Distributed tracing with OpenTelemetry, exported over OTLP to Jaeger: the guide's Tracer.
 
 `tracer.init_app(app)` gives the app its own TracerProvider and traces every
-request it serves (Flask), every SQL statement of its engines (SQLAlchemy)
-and every outgoing `requests` call, which carries a W3C `traceparent` header
-so the next service continues the trace. Spans leave in batches over
-OTLP/HTTP (Jaeger listens on 4318); the old Jaeger exporter is gone upstream.
+request it serves (RequestSpans), every SQL statement of its engines
+(SqlSpans) and every outgoing `requests` call, which carries a W3C
+`traceparent` header so the next service continues the trace. Spans leave
+in batches over OTLP/HTTP (Jaeger listens on 4318); the old Jaeger exporter
+is gone upstream.
 
 Why the pieces look the way they do:
 
+- Request and SQL spans are our own few hooks on the OpenTelemetry API, not
+  opentelemetry-instrumentation-flask and -sqlalchemy: those cost about 550
+  Python calls per request span and 575 even for a request the sampler
+  left out, plus about 80 per SQL statement for SQLAlchemy's per-connection
+  event dispatch, which was a fifth of a whole request's CPU in the
+  template's bench (bench/bench_hotpath.py). The spans keep the
+  instrumentations' names, scopes and attributes. What a recorded span
+  still costs is the SDK's (about 90 calls to start and end one, 70 to
+  encode it to OTLP protobuf, and 15 per attribute for both), so the
+  attributes are set only on spans the sampler keeps.
 - Several apps in one process (tests) must not share state, and OTel's
   global TracerProvider can be set only once. So each app owns a provider,
-  handed explicitly to the Flask and SQLAlchemy instrumentation. `requests`
-  can only be patched once per process; it, and anyone calling
+  used by its own request and SQL hooks. `requests` can only be patched
+  once per process; it, and anyone calling
   `opentelemetry.trace.get_tracer()`, gets a provider that forwards to the
   provider of the app in context.
 - No collector must not mean a slow or stuck service: spans are exported
@@ -23,10 +34,10 @@ Why the pieces look the way they do:
   with it, `gunicorn_post_fork` starts a fresh pipeline in each worker.
 - Log lines carry `trace_id` and `span_id` (TraceContextFilter), so a
   trace found in Jaeger leads to its logs and back.
-- A request that is not sampled costs next to nothing: with the default
-  parent-based sampler its SQL statements start no span at all (they would
-  be dropped after their attributes were built), see ParentAwareEngineTracer.
-
+- A request that is not sampled costs next to nothing (about 100 Python
+  calls, against some 700 for a recorded one with its SQL span): no
+  attributes, and with the default parent-based sampler its SQL statements
+  start no span at all (they would only be dropped), see SqlSpans.
 - A missing collector is one WARNING, not a line per batch: the OTLP
   exporter's own per-attempt errors are folded into BackoffExporter's
   message, logged when the outage starts (and an INFO when it ends).
@@ -50,23 +61,23 @@ import atexit
 import inspect
 import logging
 import os
+import re
 import socket
 import threading
 import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, current_app, g, has_app_context, request
-from opentelemetry import metrics, trace
+from flask import Flask, current_app, has_app_context
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
-from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
-from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
+from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -76,11 +87,15 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import ParentBased
-from opentelemetry.trace import format_span_id, format_trace_id
-from opentelemetry.util.http import parse_excluded_urls
+from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 EXTENSION_KEY = "tracing"
+#: Instrumentation scopes of the request and SQL spans: the names the OpenTelemetry instrumentations
+#: used before our own hooks replaced them, so queries by otel.scope.name keep finding the spans.
 SQLALCHEMY_SCOPE = "opentelemetry.instrumentation.sqlalchemy"
+FLASK_SCOPE = "opentelemetry.instrumentation.flask"
 #: Longest wait for the last spans to leave when the process stops.
 SHUTDOWN_TIMEOUT = 0.5
 #: After a failed export, batches are dropped unsent for this long, doubling up to the maximum.
@@ -314,26 +329,237 @@ def drops_children_of_unsampled(provider: TracerProvider) -> bool:
     return isinstance(sampler, ParentBased) and "localParentNotSampled:AlwaysOffSampler" in description
 
 
-class ParentAwareEngineTracer(EngineTracer):
-    """SQLAlchemy statement spans, skipped outright under a parent span that is not sampled.
+class EnvironGetter(Getter):
+    """Reads propagation headers (traceparent, baggage) straight from the WSGI environ."""
 
-    The instrumentation builds a statement's attributes and switches the
-    context before asking the sampler, which then drops the span: with
-    `skip_unsampled` (a parent-based sampler) a statement inside an
-    unsampled request starts nothing. Statements outside any span still go
-    to the sampler, as before.
+    def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
+        value = carrier.get("HTTP_" + key.upper().replace("-", "_"))
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, Any]) -> list[str]:
+        return [name[5:].lower().replace("_", "-") for name in carrier if name.startswith("HTTP_")]
+
+
+ENVIRON_GETTER = EnvironGetter()
+#: The headers of the default propagators (tracecontext, baggage), and the context they extract without them.
+W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
+EMPTY_CONTEXT = otel_context.Context()
+
+
+class RequestSpans:
+    """WSGI middleware: one SERVER span per request.
+
+    Why not opentelemetry-instrumentation-flask: it spent about 550 Python
+    calls on every recorded request span and 575 on one the sampler left
+    out (a WSGI wrapper and three Flask hooks, semantic-convention mode
+    lookups, duration metrics of its own, attributes built before the
+    sampler is asked), a fifth of what a whole all-off request costs.
+    This does the same job with the OpenTelemetry API in one wrapper: the
+    caller's traceparent (and baggage) through the global propagator, a
+    span named `METHOD route` (just the method when no route matched:
+    span names must not grow with what clients send), the attributes the
+    instrumentation set (its default, pre-1.20 semantic-convention names,
+    so existing Jaeger queries keep working), ERROR on a 5xx, and an
+    exception that escapes the app recorded. The attributes are read
+    when the app is done, so ProxyFix's rewrite of the client address is
+    in them, and a span the sampler leaves out costs no attribute work.
     """
 
-    def __init__(self, *args, skip_unsampled: bool, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._skip_unsampled = skip_unsampled
+    def __init__(self, wsgi_app, tracer: trace.Tracer, excluded: re.Pattern | None):
+        self.wsgi_app = wsgi_app
+        self.tracer = tracer
+        self.excluded = excluded
+        self._textmap: TextMapPropagator | None = None
+        self._w3c_only = False
 
-    def _before_cur_exec(self, conn, cursor, statement, params, context, executemany):
-        if self._skip_unsampled:
-            parent = trace.get_current_span().get_span_context()
-            if parent.is_valid and not parent.trace_flags.sampled:
-                return statement, params
-        return super()._before_cur_exec(conn, cursor, statement, params, context, executemany)
+    def __call__(self, environ, start_response):
+        if self.excluded is not None and self.excluded.search(request_url(environ)):
+            # No spans at all while serving a probe: without this its SQL and
+            # Consul calls would each start a trace of their own.
+            with suppress_instrumentation():
+                return self.wsgi_app(environ, start_response)
+        parent = self._caller_context(environ)
+        span = self.tracer.start_span(environ.get("REQUEST_METHOD", ""), context=parent, kind=SpanKind.SERVER)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        try:
+            if not span.is_recording():
+                return self.wsgi_app(environ, start_response)
+            return self._recorded(span, environ, start_response)
+        finally:
+            span.end()
+            otel_context.detach(token)
+
+    def _caller_context(self, environ) -> otel_context.Context:
+        """The caller's trace context (traceparent, baggage) from the global propagator."""
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:  # OTEL_PROPAGATORS, or set_global_textmap() since
+            self._textmap, self._w3c_only = textmap, textmap.fields <= W3C_FIELDS
+        if self._w3c_only and "HTTP_TRACEPARENT" not in environ and "HTTP_BAGGAGE" not in environ:
+            return EMPTY_CONTEXT  # what the W3C propagators would find, without their dozen calls
+        return textmap.extract(environ, getter=ENVIRON_GETTER)
+
+    def _recorded(self, span: trace.Span, environ, start_response):
+        answered: list[tuple[str, str | None]] = []
+
+        def keep_status(status: str, headers, exc_info=None):
+            # Flask answers while its request is still in the environ: the route it matched.
+            rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
+            answered.append((status, rule.rule if rule is not None else None))
+            return start_response(status, headers, exc_info)
+
+        try:
+            return self.wsgi_app(environ, keep_status)
+        except Exception as error:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            raise
+        finally:
+            status, route = answered[-1] if answered else (None, None)
+            attributes = request_attributes(environ, route)
+            if route is not None:
+                span.update_name(f"{attributes['http.method']} {route}")
+            if status is not None:
+                code = int(status[:3])
+                attributes["http.status_code"] = code
+                if code >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+            span.set_attributes(attributes)
+
+
+def request_url(environ: Mapping[str, Any]) -> str:
+    """The URL the excluded-URL patterns are searched in (scheme, host, path and query, as sent)."""
+    query = environ.get("QUERY_STRING")
+    return "".join(
+        (
+            environ.get("wsgi.url_scheme", "http"),
+            "://",
+            environ.get("HTTP_HOST") or environ.get("SERVER_NAME", ""),
+            environ.get("SCRIPT_NAME", ""),
+            environ.get("PATH_INFO", ""),
+            "?" + query if query else "",
+        )
+    )
+
+
+def request_attributes(environ: Mapping[str, Any], route: str | None) -> dict[str, Any]:
+    """The attributes opentelemetry-instrumentation-flask recorded, read from the WSGI environ."""
+    attributes: dict[str, Any] = {
+        "http.method": environ.get("REQUEST_METHOD", ""),
+        "http.scheme": environ.get("wsgi.url_scheme"),
+    }
+    for name, key in REQUEST_ATTRIBUTES:
+        value = environ.get(key)
+        if value:
+            attributes[name] = value
+    host = environ.get("HTTP_HOST")
+    if host:
+        attributes["net.host.name"] = host.partition(":")[0]
+    port = environ.get("SERVER_PORT")
+    if port and port.isdigit():
+        attributes["net.host.port"] = int(port)
+    peer_port = environ.get("REMOTE_PORT")
+    if peer_port and str(peer_port).isdigit():
+        attributes["net.peer.port"] = int(peer_port)
+    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not target:
+        query = environ.get("QUERY_STRING")
+        target = environ.get("PATH_INFO", "") + ("?" + query if query else "")
+    attributes["http.target"] = target
+    protocol = environ.get("SERVER_PROTOCOL", "")
+    if protocol:
+        attributes["http.flavor"] = protocol.removeprefix("HTTP/")
+    if route:
+        attributes["http.route"] = route
+    return attributes
+
+
+#: Attributes copied from the environ as they are: (attribute, environ key).
+REQUEST_ATTRIBUTES = (
+    ("http.server_name", "SERVER_NAME"),
+    ("http.host", "HTTP_HOST"),
+    ("net.peer.ip", "REMOTE_ADDR"),
+    ("http.user_agent", "HTTP_USER_AGENT"),
+)
+
+
+def excluded_urls(patterns: str) -> re.Pattern | None:
+    """OTEL_PYTHON_FLASK_EXCLUDED_URLS: comma-separated regular expressions searched in each request's URL."""
+    parts = [pattern.strip() for pattern in patterns.split(",") if pattern.strip()]
+    return re.compile("|".join(parts)) if parts else None
+
+
+class SqlSpans:
+    """A CLIENT span around each SQL statement one engine sends to its database.
+
+    Why not opentelemetry-instrumentation-sqlalchemy: it reads the engine's
+    URL, the driver's connection info and the semantic-convention modes on
+    every statement and builds its attributes before the sampler is asked,
+    and its Connection-level events make SQLAlchemy join an event dispatch
+    for every connection it hands out, about 80 Python calls a request
+    even when nothing is recorded. This listens to the dialect's
+    do_execute events instead, which SQLAlchemy offers for wrapping the
+    driver call: the span starts, the dialect's own do_execute runs, the
+    span ends (ERROR with the driver's message if it raised). The engine's
+    attributes never change, so they are read once; a statement adds its
+    text. With `skip_unsampled` (a parent-based sampler, the default) a
+    statement inside a request the sampler left out starts no span at all
+    (it would be dropped); statements outside any request still go to the
+    sampler. Names and attributes are the instrumentation's (`SELECT
+    orders_db`, db.system, db.name, db.statement, ...).
+    """
+
+    def __init__(self, tracer: trace.Tracer, engine: Engine, skip_unsampled: bool):
+        self.tracer = tracer
+        self.skip_unsampled = skip_unsampled
+        url = engine.url
+        system = engine.dialect.name
+        system = "postgresql" if "postgres" in system else system
+        self.suffix = f" {url.database}" if url.database else ""
+        self.fallback_name = system
+        self.engine_attributes: dict[str, Any] = {"db.system": system}
+        for name, value in (
+            ("net.peer.name", url.host),
+            ("net.peer.port", url.port),
+            ("db.name", url.database),
+            ("db.user", url.username),
+        ):
+            if value:
+                self.engine_attributes[name] = value
+        dialect = engine.dialect
+        for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+            event.listen(engine, name, self._traced(getattr(dialect, name)))
+
+    def _traced(self, run: Callable[..., Any]) -> Callable[..., bool]:
+        """A listener for the dialect event of the same name: the dialect's own `run`, inside a span."""
+
+        def execute(cursor, statement: str, *parameters_and_context) -> bool:
+            span = self.start(statement)
+            try:
+                run(cursor, statement, *parameters_and_context)
+            except Exception as error:
+                if span is not None and span.is_recording():
+                    span.set_status(Status(StatusCode.ERROR, str(error)))
+                raise
+            finally:
+                if span is not None:
+                    span.end()
+            return True  # the statement ran: SQLAlchemy must not run it again
+
+        return execute
+
+    def start(self, statement: str) -> trace.Span | None:
+        """The statement's span, or None when it gets none (unsampled request, probe, instrumentation off)."""
+        parent = trace.get_current_span().get_span_context()
+        if self.skip_unsampled and parent.is_valid and not parent.trace_flags.sampled:
+            return None
+        if not is_instrumentation_enabled():
+            return None
+        words = statement.split(None, 1)
+        name = words[0] + self.suffix if words else self.fallback_name
+        span = self.tracer.start_span(name, kind=SpanKind.CLIENT)
+        if span.is_recording():
+            span.set_attributes({**self.engine_attributes, "db.statement": statement, "db.operation": name})
+        return span
 
 
 @dataclass(eq=False)  # hashable by identity, for the WeakSet of live states
@@ -479,41 +705,13 @@ class Tracer:
             # An app that is thrown away (tests build dozens) must not leave its export thread behind.
             weakref.finalize(state, stop_in_background, processor).atexit = False
 
-        FlaskInstrumentor.instrument_app(
-            app,
-            tracer_provider=provider,
-            excluded_urls=config["TRACING_EXCLUDED_URLS"],
-            enable_commenter=False,
-        )
-        self._quiet_excluded_requests(app, parse_excluded_urls(config["TRACING_EXCLUDED_URLS"]))
+        excluded = excluded_urls(config["TRACING_EXCLUDED_URLS"])
+        app.wsgi_app = RequestSpans(app.wsgi_app, state.tracer(FLASK_SCOPE), excluded)
         self._instrument_engines(app, state)
         instrument_process()
         add_trace_ids_to_service_logs()
         logger.info("Tracing on: spans go to %s", state.endpoint or "no exporter")
         return state
-
-    @staticmethod
-    def _quiet_excluded_requests(app: Flask, excluded) -> None:
-        """No spans at all while serving an excluded URL.
-
-        Without this, every readiness probe's SQL and Consul calls would
-        start a trace of their own (the request span they belong to is
-        the one excluded).
-        """
-
-        def quiet_if_excluded() -> None:
-            if excluded.url_disabled(request.url):
-                stack = ExitStack()
-                stack.enter_context(suppress_instrumentation())
-                g.tracing_quiet = stack
-
-        def end_quiet(error=None) -> None:
-            stack = g.pop("tracing_quiet", None)
-            if stack is not None:
-                stack.close()
-
-        app.before_request(quiet_if_excluded)
-        app.teardown_request(end_quiet)
 
     @staticmethod
     def _instrument_engines(app: Flask, state: TracingState) -> None:
@@ -523,12 +721,9 @@ class Tracer:
             return
         with app.app_context():
             engines = list(sqlalchemy.engines.values())
-        usage = metrics.get_meter(SQLALCHEMY_SCOPE).create_up_down_counter(
-            "db.client.connections.usage", unit="connections"
-        )
         skip_unsampled = drops_children_of_unsampled(state.provider)
         for engine in engines:
-            ParentAwareEngineTracer(state.tracer(SQLALCHEMY_SCOPE), engine, usage, skip_unsampled=skip_unsampled)
+            SqlSpans(state.tracer(SQLALCHEMY_SCOPE), engine, skip_unsampled)
 
     @staticmethod
     def state(app: Flask | None = None) -> TracingState | None:

@@ -8,13 +8,17 @@ from contextlib import contextmanager
 
 import pytest
 import requests
+from opentelemetry import propagate
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from app.extensions import tracer
+from app.extensions import db, tracer
 from app.request_logging import configure_logging
 from common_utils import tracing
 from common_utils.tracing import (
@@ -93,19 +97,62 @@ def test_request_span_has_route_and_status(traced, collection_url, new_item):
     assert found.resource.attributes["service.name"] == app.config["SERVICE_NAME"]
 
 
+def sql_statement(span) -> str:
+    return span.attributes.get("db.statement") or span.attributes.get("db.query.text")
+
+
 def test_sql_statements_are_child_spans_of_the_request(traced, collection_url):
-    """Each SQL statement a request runs is a CLIENT span under the request's span."""
+    """Each SQL statement a request runs is a CLIENT span under the request's span.
+
+    The first request of a fresh app also runs the driver's connection setup
+    (PostgreSQL: `show standard_conforming_strings`...): those are spans too.
+    """
     app, spans = traced()
     app.test_client().get(collection_url)
+    with app.app_context():
+        dialect = app.extensions["sqlalchemy"].engine.dialect.name
 
     [request_span] = server_spans(spans)
     sql = [span for span in spans.get_finished_spans() if span.kind == SpanKind.CLIENT]
-    assert sql, "the list endpoint runs SQL"
+    assert any(sql_statement(span).upper().startswith("SELECT") for span in sql), "the list endpoint runs SQL"
     for span in sql:
-        statement = span.attributes.get("db.statement") or span.attributes.get("db.query.text")
-        assert "SELECT" in statement.upper()
+        assert span.name.split()[0] == sql_statement(span).split()[0]  # SELECT <database>
+        assert span.attributes["db.system"] == dialect
         assert span.parent.span_id == request_span.context.span_id
         assert span.context.trace_id == request_span.context.trace_id
+
+
+def test_server_errors_mark_the_request_span(traced):
+    """A 5xx answer sets the request span's status to ERROR; a 4xx does not."""
+    app, spans = traced()
+
+    def broken():
+        raise RuntimeError("boom")
+
+    app.add_url_rule("/broken", "broken", broken)
+    client = app.test_client()
+    assert client.get("/broken").status_code == 500
+    assert client.get("/no-such-page").status_code == 404
+
+    failed, missing = server_spans(spans)
+    assert (failed.name, status_code(failed), failed.status.status_code) == ("GET /broken", 500, StatusCode.ERROR)
+    assert (missing.name, status_code(missing), missing.status.status_code) == ("GET", 404, StatusCode.UNSET)
+
+
+def test_failed_statement_span_carries_the_error(traced):
+    """A statement the database refuses is a CLIENT span with status ERROR; the error still reaches the caller."""
+    app, spans = traced()
+    with app.app_context(), tracer.span("work"):
+        with pytest.raises(DBAPIError):
+            db.session.execute(text("SELECT no_such_column FROM no_such_table"))
+        db.session.rollback()
+        db.session.connection().exec_driver_sql("SELECT 1", execution_options={"no_parameters": True})
+
+    by_statement = {sql_statement(span): span for span in spans.get_finished_spans() if span.kind == SpanKind.CLIENT}
+    failed, plain = by_statement["SELECT no_such_column FROM no_such_table"], by_statement["SELECT 1"]
+    assert failed.status.status_code == StatusCode.ERROR
+    assert "no_such" in failed.status.description
+    assert (sql_statement(plain), plain.status.status_code) == ("SELECT 1", StatusCode.UNSET)
 
 
 def test_outgoing_request_carries_traceparent(traced, downstream):
@@ -133,6 +180,32 @@ def test_incoming_traceparent_is_continued(traced, collection_url):
     assert f"{request_span.context.trace_id:032x}" == INCOMING_TRACE_ID
     assert f"{request_span.parent.span_id:016x}" == INCOMING_PARENT_ID
     assert request_span.parent.is_remote
+
+
+class HeaderPropagator(TraceContextTextMapPropagator):
+    """W3C trace context, but read from another header (as B3 or Jaeger propagators would)."""
+
+    def extract(self, carrier, context=None, getter=None):
+        value = getter.get(carrier, "x-other-trace")
+        return super().extract({"traceparent": value[0]} if value else {}, context)
+
+    @property
+    def fields(self):
+        return {"x-other-trace"}
+
+
+def test_a_configured_propagator_is_used(traced, collection_url):
+    """The global propagator (OTEL_PROPAGATORS) reads the caller's context, whatever header it uses."""
+    app, spans = traced()
+    default = propagate.get_global_textmap()
+    propagate.set_global_textmap(HeaderPropagator())
+    try:
+        app.test_client().get(collection_url, headers={"X-Other-Trace": INCOMING["traceparent"]})
+    finally:
+        propagate.set_global_textmap(default)
+
+    [request_span] = server_spans(spans)
+    assert f"{request_span.context.trace_id:032x}" == INCOMING_TRACE_ID
 
 
 def test_two_apps_keep_their_spans_apart(traced, downstream, collection_url):
