@@ -127,10 +127,6 @@ def pins(path: str, data: bytes) -> list[str]:
         requirements.append(requirement)
     if not requirements:
         problems.append(f"{path}: no requirement at all")
-    for requirement in requirements:
-        # The OpenTelemetry SQLAlchemy instrumentation records nothing on 2.1.
-        if requirement.name.lower() == "sqlalchemy" and not str(requirement.specifier).startswith("==2.0."):
-            problems.append(f"{path}: SQLAlchemy must stay on 2.0.x, not {requirement.specifier}")
     return problems
 
 
