@@ -107,8 +107,9 @@ class Claim:
 
     token: str
     rows: list
-    #: Rows the claim selected before the order guard dropped some (the
-    #: relay reads a full selection as "more is waiting"; 0 when none was kept).
+    #: Rows the claim selected before the order guard dropped some (a full
+    #: selection tells the relay more is waiting). On PostgreSQL, where the
+    #: guard runs inside the claim's statement, the rows kept.
     selected: int
 
 
@@ -225,18 +226,17 @@ class OutboxStore:
             earlier.c.position < batch.c.position,
             earlier.c.position.not_in(select(batch.c.position).scalar_subquery()),
         )
-        selected = select(func.count()).select_from(batch).scalar_subquery()
         statement = (
             update(t)
             .where(t.c.position == batch.c.position, ~blocked)
             .values(**lease)
-            .returning(*(t.c[column.name] for column in candidates.selected_columns), selected.label("selected"))
+            .returning(*(t.c[column.name] for column in candidates.selected_columns))
         )
         with self.begin() as connection:
             connection.exec_driver_sql("SET LOCAL enable_sort = off")
             rows = connection.execute(statement).all()
         rows.sort(key=lambda row: row.position)
-        return Claim(token=token, rows=rows, selected=rows[0].selected if rows else 0)
+        return Claim(token=token, rows=rows, selected=len(rows))
 
     def keep_in_order(self, connection: Connection, rows: list) -> list:
         """Drop events that an earlier unfinished event of the same key, outside the batch, must precede."""
