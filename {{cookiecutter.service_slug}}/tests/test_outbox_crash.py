@@ -139,8 +139,10 @@ class Launcher:
         for pid in self.relays:
             if self.process.poll() is None and self.poll(pid) is None:
                 self.stop(pid, signal.SIGKILL)
-        self.process.stdin.close()
+        self.process.kill()  # nothing of its own to finish: skip the interpreter's shutdown
         self.process.wait(10)
+        self.process.stdin.close()
+        self.process.stdout.close()
 
 
 def deliveries(log) -> list[tuple[str, str, int]]:
