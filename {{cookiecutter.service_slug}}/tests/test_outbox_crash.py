@@ -1,15 +1,22 @@
 """`flask outbox relay`, the process compose and Kubernetes run, killed with SIGKILL mid-stream.
 
-The relay is the real long-running command (no `--once`), started twice
-and killed while it publishes, then started a third time and stopped with
-SIGTERM once the outbox is empty. Each kill provably lands mid-stream:
-some but not all events had been delivered when it landed. After the
-kills no event is lost, every aggregate's events were first delivered in
-order, and duplicates come only from the batches in flight.
+The relay is the real long-running command (`flask outbox relay`, no
+`--once`), run three times in turn: the first two are killed while they
+publish, the third is stopped with SIGTERM once the outbox is empty. Each
+kill provably lands mid-stream: the relay it killed had delivered events,
+and some were left for the next one. After the kills no event is lost,
+every aggregate's events were first delivered in order, and duplicates come
+only from the batches in flight.
+
+Importing the service is what takes time, not relaying, so a launcher
+process imports it once and forks each relay from there (as gunicorn's
+--preload does); in the child, Flask's CLI runs the command as `flask`
+would. Restarts then cost a fork, and the test waits only on conditions.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections import Counter, defaultdict
@@ -21,13 +28,15 @@ from common_utils.outbox import OutboxEvent, event_values
 from common_utils.outbox.relay import check_relays
 from tests.outbox_support import PROJECT, PYTHON, count_pending, subprocess_env, wait_until
 
-AGGREGATES, PER_AGGREGATE = 20, 30
+# More aggregates than a killed relay's batches in flight can hold (BATCH *
+# WORKERS keys at most), so the next relay goes on with the others at once
+# while the dead one's leases run out.
+AGGREGATES, PER_AGGREGATE = 60, 8
 TOTAL = AGGREGATES * PER_AGGREGATE
-BATCH, WORKERS = 50, 2
-KILL_AFTER = 100  # deliveries each relay makes before it is killed
+BATCH, WORKERS = 20, 2
+KILL_AFTER = 80  # deliveries each relay makes before it is killed
 
-# The service's own app (main.py) with one recording handler: what runs is
-# the `flask outbox relay` command itself.
+# The service's own app (main.py) with one recording handler.
 RELAY_APP = """
 import os, time
 from main import app
@@ -41,20 +50,99 @@ def record(aggregate_id, payload, event):
     time.sleep(0.001)  # slow enough that a kill lands inside a batch
 """
 
+# Answers commands on stdin, one line each: "start" forks a relay and
+# answers its pid; "poll PID" answers "running" or its exit status, "wait
+# PID" waits for it to end and answers its exit status (-N: killed by signal N).
+LAUNCHER = """
+import os, sys
+import relay_app  # noqa: F401 - the service, imported once for every relay
+from flask.cli import cli
 
-def start_relay(app_file, log, database_url) -> subprocess.Popen:
-    env = subprocess_env(
-        database_url,
-        FLASK_APP=str(app_file),
-        DELIVERY_LOG=str(log),
-        OUTBOX_TRANSPORT="in_process",
-        OUTBOX_BATCH_SIZE=str(BATCH),
-        OUTBOX_RELAY_WORKERS=str(WORKERS),
-        OUTBOX_LEASE_SECONDS="1",
-        OUTBOX_MIN_POLL_INTERVAL="0.01",
-        OUTBOX_PROCESSING_INTERVAL="0.05",
-    )
-    return subprocess.Popen([PYTHON, "-m", "flask", "outbox", "relay"], cwd=PROJECT, env=env)
+ended = {}
+
+def status(pid, block):
+    if pid not in ended:
+        done, code = os.waitpid(pid, 0 if block else os.WNOHANG)
+        if not done:
+            return "running"
+        ended[pid] = os.waitstatus_to_exitcode(code)
+    return ended[pid]
+
+for line in sys.stdin:
+    command, *argument = line.split()
+    if command == "start":
+        answer = os.fork()
+        if answer == 0:  # the relay: its output goes to stderr, the answers' pipe is the launcher's
+            os.dup2(2, 1)
+            try:
+                cli.main(["outbox", "relay"], prog_name="flask")
+            except SystemExit as end:
+                os._exit(end.code if isinstance(end.code, int) else 1)
+            os._exit(0)
+    else:
+        answer = status(int(argument[0]), block=command == "wait")
+    print(answer, flush=True)
+"""
+
+
+class Launcher:
+    """Starts `flask outbox relay` processes, each forked from one that imported the service."""
+
+    def __init__(self, folder, log, database_url):
+        (folder / "relay_app.py").write_text(RELAY_APP)
+        (folder / "launcher.py").write_text(LAUNCHER)
+        env = subprocess_env(
+            database_url,
+            PYTHONPATH=f"{PROJECT}{os.pathsep}{folder}",
+            FLASK_APP="relay_app",
+            DELIVERY_LOG=str(log),
+            OUTBOX_TRANSPORT="in_process",
+            OUTBOX_BATCH_SIZE=str(BATCH),
+            OUTBOX_RELAY_WORKERS=str(WORKERS),
+            OUTBOX_LEASE_SECONDS="1",
+            OUTBOX_MIN_POLL_INTERVAL="0.01",
+            OUTBOX_PROCESSING_INTERVAL="0.05",
+        )
+        self.process = subprocess.Popen(
+            [PYTHON, str(folder / "launcher.py")],
+            cwd=PROJECT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.relays: list[int] = []
+
+    def ask(self, command: str) -> str:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline().strip()
+        assert answer, f"the launcher exited with {self.process.wait(10)}"
+        return answer
+
+    def start(self) -> int:
+        pid = int(self.ask("start"))
+        self.relays.append(pid)
+        return pid
+
+    def poll(self, pid: int) -> int | None:
+        answer = self.ask(f"poll {pid}")
+        return None if answer == "running" else int(answer)
+
+    def stop(self, pid: int, signum: int) -> int:
+        """Send `signum` to the relay and wait until it has ended; its exit status."""
+        os.kill(pid, signum)
+        return int(self.ask(f"wait {pid}"))
+
+    def close(self) -> None:
+        """No relay outlives the test, whatever failed."""
+        for pid in self.relays:
+            if self.process.poll() is None and self.poll(pid) is None:
+                self.stop(pid, signal.SIGKILL)
+        self.process.kill()  # nothing of its own to finish: skip the interpreter's shutdown
+        self.process.wait(10)
+        self.process.stdin.close()
+        self.process.stdout.close()
 
 
 def deliveries(log) -> list[tuple[str, str, int]]:
@@ -63,11 +151,11 @@ def deliveries(log) -> list[tuple[str, str, int]]:
     return [(event_id, aggregate, int(seq)) for event_id, aggregate, seq in (line.split() for line in log.read_text().splitlines())]
 
 
-def delivered_while_running(process, log, at_least: int) -> int:
+def delivered_while_running(launcher: Launcher, relay: int, log, at_least: int) -> int:
     """Wait until the log has `at_least` deliveries; the running relay must still be alive."""
 
     def reached():
-        assert process.poll() is None, f"the relay exited with {process.returncode}"
+        assert launcher.poll(relay) is None, f"the relay exited with {launcher.poll(relay)}"
         return len(deliveries(log)) >= at_least
 
     wait_until(reached, timeout=30, what=f"{at_least} deliveries", interval=0.005)
@@ -76,45 +164,38 @@ def delivered_while_running(process, log, at_least: int) -> int:
 
 def test_the_relay_command_killed_mid_stream_loses_nothing_and_keeps_order(app, make_app, database_url, tmp_path):
     """SIGKILL `flask outbox relay` twice mid-stream, restart it: all delivered, in order per aggregate."""
-    writer = make_app(OUTBOX_RELAY_STALE_AFTER=0.5)
-    with writer.app_context():
-        db.session.execute(
-            OutboxEvent.__table__.insert(),
-            [
-                event_values("test.happened", "test", f"agg-{index:02d}", {"seq": seq})
-                for seq in range(PER_AGGREGATE)
-                for index in range(AGGREGATES)
-            ],
-        )
-        db.session.commit()
-        db.session.remove()
-    app_file = tmp_path / "relay_app.py"
-    app_file.write_text(RELAY_APP)
     log = tmp_path / "delivered.log"
-
-    started: list[subprocess.Popen] = []
+    launcher = Launcher(tmp_path, log, database_url)  # imports the service while the events are written
     kills = []
     try:
+        writer = make_app(OUTBOX_RELAY_STALE_AFTER=0.5)
+        with writer.app_context():
+            db.session.execute(
+                OutboxEvent.__table__.insert(),
+                [
+                    event_values("test.happened", "test", f"agg-{index:02d}", {"seq": seq})
+                    for seq in range(PER_AGGREGATE)
+                    for index in range(AGGREGATES)
+                ],
+            )
+            db.session.commit()
+            db.session.remove()
+
         for _ in range(2):
-            process = start_relay(app_file, log, database_url)
-            started.append(process)
-            delivered_while_running(process, log, len(deliveries(log)) + KILL_AFTER)
-            process.send_signal(signal.SIGKILL)
-            assert process.wait(10) == -signal.SIGKILL
+            before = len(deliveries(log))
+            relay = launcher.start()
+            delivered_while_running(launcher, relay, log, before + KILL_AFTER)
+            assert launcher.stop(relay, signal.SIGKILL) == -signal.SIGKILL
             kills.append(len(deliveries(log)))
             assert kills[-1] < TOTAL, f"the kill landed after the stream ended: {kills}"
 
-        final = start_relay(app_file, log, database_url)
-        started.append(final)
-        wait_until(lambda: count_pending(writer) == 0, timeout=30, what="the backlog to drain")
-        assert final.poll() is None, "the relay must still be running, not exited"
-        final.send_signal(signal.SIGTERM)
-        assert final.wait(10) == 0
+        final = launcher.start()
+        wait_until(lambda: count_pending(writer) == 0, timeout=30, what="the backlog to drain", interval=0.01)
+        assert launcher.poll(final) is None, "the relay must still be running, not exited"
+        assert len(deliveries(log)) > kills[-1], "the last relay delivered nothing"
+        assert launcher.stop(final, signal.SIGTERM) == 0
     finally:
-        for process in started:  # none outlives the test, whatever failed
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
+        launcher.close()
 
     delivered = deliveries(log)
     counts = Counter(event_id for event_id, _, _ in delivered)

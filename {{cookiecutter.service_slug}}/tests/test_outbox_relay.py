@@ -498,4 +498,31 @@ def test_the_pending_index_is_partial_on_postgresql(relay_app):
     assert sorted(secondary) == ["ix_outbox_events_pending", "ix_outbox_events_unfinished"]
     assert all(" WHERE " in definition for definition in secondary.values())
     assert len(definitions) == 4  # with the primary key and the unique event id
+
+
+def test_a_sudden_backlog_is_claimed_in_index_order_not_sorted_whole(relay_app):
+    """Statistics taken on an empty table, then a backlog: the claim still walks the pending index."""
+    with relay_app.app_context():
+        if db.engine.dialect.name != "postgresql":
+            skip_or_fail("query plans need the PostgreSQL server (set TEST_DATABASE_URL)")
+        engine = db.engine
+        with engine.begin() as connection:
+            connection.execute(text("ANALYZE outbox_events"))
+    write(relay_app, [(f"agg-{index % 100}", index // 100) for index in range(5000)])
+    plans = []
+
+    def explain_the_claim(connection, cursor, statement, parameters, context, executemany):
+        if "FOR UPDATE" in statement:
+            cursor.execute(f"EXPLAIN {statement}", parameters)
+            plans.append("\n".join(row[0] for row in cursor.fetchall()))
+
+    event.listen(engine, "before_cursor_execute", explain_the_claim)
+    try:
+        claim = relay_app.extensions["outbox"].store.claim(50, 30.0)
+    finally:
+        event.remove(engine, "before_cursor_execute", explain_the_claim)
+    assert [row.position for row in claim.rows] == sorted(row.position for row in claim.rows)
+    assert len(claim.rows) == 50
+    [plan] = plans
+    assert "Sort" not in plan, f"the claim sorts every pending row to take 50:\n{plan}"
 {%- endif %}

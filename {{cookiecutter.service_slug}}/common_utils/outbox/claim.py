@@ -107,7 +107,9 @@ class Claim:
 
     token: str
     rows: list
-    #: Rows the statement returned before the order guard dropped some.
+    #: Rows the claim selected before the order guard dropped some (a full
+    #: selection tells the relay more is waiting). On PostgreSQL, where the
+    #: guard runs inside the claim's statement, the rows kept.
     selected: int
 
 
@@ -194,16 +196,47 @@ class OutboxStore:
         if self.locks_rows:
             statement = statement.with_for_update(skip_locked=True, of=t)
         token = str(uuid.uuid4())
+        lease = {"claimed_until": db_now_plus(bindparam("lease", lease_seconds)), "claimed_by": token}
+        if self.dialect == "postgresql":
+            return self.claim_in_one_statement(statement, lease, token)
         with self.begin() as connection:
             rows = connection.execute(statement).all()
             kept = self.keep_in_order(connection, rows) if rows else []
             if kept:
-                connection.execute(
-                    update(t)
-                    .where(self.among(t.c.position, [row.position for row in kept]))
-                    .values(claimed_until=db_now_plus(bindparam("lease", lease_seconds)), claimed_by=token)
-                )
+                connection.execute(update(t).where(self.among(t.c.position, [row.position for row in kept])).values(**lease))
         return Claim(token=token, rows=kept, selected=len(rows))
+
+    def claim_in_one_statement(self, candidates, lease: dict, token: str) -> Claim:
+        """PostgreSQL: select, order guard and lease in one `UPDATE ... RETURNING`, one round trip.
+
+        The statement's single snapshot is enough for the guard: an earlier
+        event of the key that another relay is claiming at this instant is
+        still unfinished in it, so it holds ours back just as a second
+        statement would. Sorting is switched off for this transaction: the
+        claim must walk the pending index in position order and stop after
+        `limit` rows; with statistics that lag a sudden backlog, PostgreSQL
+        otherwise plans to check and sort every pending row on each claim.
+        """
+        t = self.table
+        batch = candidates.cte("batch").prefix_with("MATERIALIZED")
+        earlier = t.alias("blocker")
+        blocked = exists().where(
+            earlier.c.ordering_key == batch.c.ordering_key,
+            earlier.c.status.in_([PENDING_SQL, FAILED_SQL]),
+            earlier.c.position < batch.c.position,
+            earlier.c.position.not_in(select(batch.c.position).scalar_subquery()),
+        )
+        statement = (
+            update(t)
+            .where(t.c.position == batch.c.position, ~blocked)
+            .values(**lease)
+            .returning(*(t.c[column.name] for column in candidates.selected_columns))
+        )
+        with self.begin() as connection:
+            connection.exec_driver_sql("SET LOCAL enable_sort = off")
+            rows = connection.execute(statement).all()
+        rows.sort(key=lambda row: row.position)
+        return Claim(token=token, rows=rows, selected=len(rows))
 
     def keep_in_order(self, connection: Connection, rows: list) -> list:
         """Drop events that an earlier unfinished event of the same key, outside the batch, must precede."""
