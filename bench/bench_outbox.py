@@ -119,6 +119,12 @@ def render_without_outbox(output: Path) -> Path:
     return project
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process of this machine (a PostgreSQL backend)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def service_writer(project: str, environ: dict, first_id: int, commands, results) -> None:
     """A writer process: the PATCH handler's database work, as fast as it can, for each command.
 
@@ -127,19 +133,30 @@ def service_writer(project: str, environ: dict, first_id: int, commands, results
     get_or_404, check_if_match, the attribute change, commit_or_409 and the
     ETag read that reloads the row after the commit. With the outbox on, the
     session hooks add the event and the after-commit wake-up. A command is
-    the number of seconds to write (None ends the process); the answer the
-    number of commits.
+    the number of seconds to write (None ends the process); the answer is
+    (commits, this process's CPU seconds, its PostgreSQL backend's CPU
+    seconds): on a machine shared with other work the CPU per commit is the
+    steadier measure.
     """
     os.environ.update(environ)
     sys.path.insert(0, project)
     from app import create_app
     from app.api import check_if_match, commit_or_409, etag, get_or_404
+    from app.extensions import db
 
     app = create_app()
     ids = range(first_id, first_id + ROWS_PER_WRITER)
-    results.put(0)  # ready
+
+    def backend_pid() -> int:
+        with app.app_context():  # the pool hands this single thread the same connection every time
+            return db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+
+    backend_pid()
+    results.put(None)  # ready
     while (seconds := commands.get()) is not None:
         commits = 0
+        backend = backend_pid()
+        started = (time.process_time(), process_cpu_seconds(backend))
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             with app.test_request_context(method="PATCH"):
@@ -149,7 +166,8 @@ def service_writer(project: str, environ: dict, first_id: int, commands, results
                 commit_or_409(item)
                 etag(item)
             commits += 1
-        results.put(commits)
+        client, server = time.process_time() - started[0], process_cpu_seconds(backend) - started[1]
+        results.put((commits, client, server if backend_pid() == backend else float("nan")))
 
 
 class WriterGroup:
@@ -172,12 +190,19 @@ class WriterGroup:
 
     def wait_ready(self) -> None:
         for _ in self.processes:
-            self.results.get(timeout=300)
+            self.results.get(timeout=1800)  # a loaded machine imports slowly
 
-    def commits_per_s(self, seconds: float) -> float:
+    def run(self, seconds: float) -> dict[str, float]:
+        """Write for `seconds`: commits/s, and client and PostgreSQL backend CPU per commit (µs)."""
         for commands in self.commands:
             commands.put(seconds)
-        return sum(self.results.get(timeout=seconds + 120) for _ in self.processes) / seconds
+        answers = [self.results.get(timeout=seconds + 600) for _ in self.processes]
+        commits, client, server = (sum(column) for column in zip(*answers, strict=True))
+        return {
+            "commits_per_s": commits / seconds,
+            "client_cpu_us": client / commits * 1e6,
+            "server_cpu_us": server / commits * 1e6,
+        }
 
     def close(self) -> None:
         for commands in self.commands:
@@ -421,23 +446,34 @@ class Bench:
                     group.wait_ready()
                 per_round = []
                 for index in range(rounds):
-                    rates = {}
+                    runs = {}
                     for mode in ("off", "on") if index % 2 == 0 else ("on", "off"):
                         with self.app.app_context(), self.db.engine.begin() as connection:
                             connection.execute(text("TRUNCATE outbox_events"))
-                        rates[mode] = groups[mode].commits_per_s(seconds)
-                    rates["ratio"] = rates["on"] / rates["off"]
-                    progress(f"writers round {index + 1}", {mode: round(rate, 3) for mode, rate in rates.items()})
-                    per_round.append(rates)
+                        runs[mode] = groups[mode].run(seconds)
+                    cpu = {mode: run["client_cpu_us"] + run["server_cpu_us"] for mode, run in runs.items()}
+                    result = {
+                        **{f"{mode}_{key}": round(value, 1) for mode, run in runs.items() for key, value in run.items()},
+                        "ratio": round(runs["on"]["commits_per_s"] / runs["off"]["commits_per_s"], 3),
+                        # What the ratio is when the writers have the CPU to themselves.
+                        "cpu_ratio": round(cpu["off"] / cpu["on"], 3),
+                    }
+                    progress(f"writers round {index + 1}", result)
+                    per_round.append(result)
             finally:
                 for group in groups.values():
                     group.close()
         self.fill_backlog(0)
+        summary = {
+            key: statistics.median(result[key] for result in per_round)
+            for key in per_round[0]
+            if key.startswith(("off_", "on_"))
+        }
         return {
-            "rounds": [{mode: round(rate, 3) for mode, rate in rates.items()} for rates in per_round],
-            "off": statistics.median(rates["off"] for rates in per_round),
-            "on": statistics.median(rates["on"] for rates in per_round),
-            "ratio_median": round(statistics.median(rates["ratio"] for rates in per_round), 3),
+            "rounds": per_round,
+            **summary,
+            "ratio_median": statistics.median(result["ratio"] for result in per_round),
+            "cpu_ratio_median": statistics.median(result["cpu_ratio"] for result in per_round),
         }
 
     def retention_rate(self, events: int) -> float:
@@ -620,10 +656,12 @@ def main() -> int:
             f"p99 {run['p99_ms']} ms, max {run['max_ms']} ms ({run['confirmed']}/{run['events']} confirmed)"
         )
     print(
-        f"  {args.writers} writers (PATCH's writes), commits/s, medians of {args.writer_rounds} rounds: "
-        f"outbox off {writers['off']:.0f}, on {writers['on']:.0f}; ratio on/off per round "
-        f"{', '.join(format(rates['ratio'], '.2f') for rates in writers['rounds'])}, "
-        f"median {writers['ratio_median']:.2f} (target >= 0.90)"
+        f"  {args.writers} writers (PATCH's writes), medians of {args.writer_rounds} rounds: commits/s outbox off "
+        f"{writers['off_commits_per_s']:.0f}, on {writers['on_commits_per_s']:.0f}; ratio on/off per round "
+        f"{', '.join(format(result['ratio'], '.2f') for result in writers['rounds'])}, "
+        f"median {writers['ratio_median']:.2f} (target >= 0.90); CPU per commit (client + PostgreSQL) off "
+        f"{writers['off_client_cpu_us'] + writers['off_server_cpu_us']:.0f} µs, on "
+        f"{writers['on_client_cpu_us'] + writers['on_server_cpu_us']:.0f} µs, ratio {writers['cpu_ratio_median']:.2f}"
     )
     print(f"  retention: {retention:8.0f} processed events deleted/s (target >= 10,000)")
     print(f"  guide's loop, no sleep                   {guide:8.1f} events/s  ({best_relay / guide:.0f}x slower than the relay)")
