@@ -14,10 +14,11 @@ a scratch database and measures:
    several writer processes (one transaction per event, woken as the
    service wakes relays: after commit, a debounced NOTIFY), p50/p99/max;
    and commit-to-publish of single events to an idle relay;
-5. writers: 16 writer processes committing one row per transaction, with
-   the outbox off (the row only) and on (the row, its event, the
-   after-commit wake-up), and for reference with the old in-transaction
-   pg_notify; the ratio on/off;
+5. writers: 16 writer processes each doing the PATCH handler's database
+   work (load, change, versioned commit, reload for the ETag) as fast as
+   they can, with the outbox off (the same service rendered with
+   outbox=none) and on (the row, its event, the after-commit wake-up), in
+   interleaved rounds; commits/s and the ratio on/off per round, median;
 6. retention: processed events deleted per second by `cleanup()`;
 7. guide: the migration guide's algorithm on the same setup, measured:
    `process_pending_events(limit=10)` with a per-event publish and
@@ -102,47 +103,115 @@ def write_events(project: str, environ: dict, rate: float, seconds: float, start
     return committed
 
 
-WRITE_TABLE = "bench_writes"
+#: Rows each writer process of the writers run changes in turn (its own: writers never wait on each other's locks).
+ROWS_PER_WRITER = 20
 
 
-def commit_rows(project: str, environ: dict, mode: str, seconds: float, barrier) -> int:
-    """A writer process: commits as fast as it can for `seconds`; the number of commits.
+def render_without_outbox(output: Path) -> Path:
+    """The same service rendered with outbox=none: what "outbox off" is."""
+    cookiecutter(
+        str(TEMPLATE),
+        no_input=True,
+        output_dir=str(output),
+        extra_context={"database": "postgresql", "outbox": "none"},
+    )
+    [project] = [path for path in output.iterdir() if path.is_dir()]
+    return project
 
-    mode "off": one row per transaction; "on": the row and its outbox event,
-    then the service's after-commit wake-up; "event": the row and the event,
-    no wake-up (what the event row alone costs); "notify": the row, the event
-    and a pg_notify inside the transaction (the old design, for reference).
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time of a process of this machine (a PostgreSQL backend), in nanoseconds' precision.
+
+    /proc/<pid>/schedstat rather than /proc/<pid>/stat, whose clock ticks
+    (10 ms) are as long as a few of a backend's commits.
+    """
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def service_writer(project: str, environ: dict, first_id: int, commands, results) -> None:
+    """A writer process: the PATCH handler's database work, as fast as it can, for each command.
+
+    Each iteration is one request's write, by the service's own functions in
+    a request context (so its session lives and ends as a request's does):
+    get_or_404, check_if_match, the attribute change, commit_or_409 and the
+    ETag read that reloads the row after the commit. With the outbox on, the
+    session hooks add the event and the after-commit wake-up. A command is
+    the number of seconds to write (None ends the process); the answer is
+    (commits, this process's CPU seconds, its PostgreSQL backend's CPU
+    seconds): on a machine shared with other work the CPU per commit is the
+    steadier measure.
     """
     os.environ.update(environ)
     sys.path.insert(0, project)
-    from common_utils.outbox import OutboxEvent, event_values
-    from common_utils.outbox.model import NOTIFY_CHANNEL
-    from common_utils.outbox.relay import notifier_for
-    from config import normalise_database_url
-    from sqlalchemy import create_engine, text
+    from app import create_app
+    from app.api import check_if_match, commit_or_409, etag, get_or_404
+    from app.extensions import db
 
-    engine = create_engine(normalise_database_url(environ["DATABASE_URL"]))
-    notifier = notifier_for(engine.url, float(environ.get("OUTBOX_NOTIFY_INTERVAL", "0.02")))
-    row = text(f"INSERT INTO {WRITE_TABLE} (payload) VALUES (:payload)")
-    event = OutboxEvent.__table__.insert()
-    notify = text("SELECT pg_notify(:channel, '')")
-    commits = 0
-    with engine.connect() as connection:
-        barrier.wait()  # every writer connected: they all start now
+    app = create_app()
+    ids = range(first_id, first_id + ROWS_PER_WRITER)
+
+    def backend_pid() -> int:
+        with app.app_context():  # the pool hands this single thread the same connection every time
+            return db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+
+    backend_pid()
+    results.put(None)  # ready
+    while (seconds := commands.get()) is not None:
+        commits = 0
+        backend = backend_pid()
+        started = (time.process_time(), process_cpu_seconds(backend))
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            with connection.begin():
-                connection.execute(row, {"payload": "x" * 100})
-                if mode != "off":
-                    values = event_values("bench.written", "bench", f"{os.getpid()}-{commits % 50}", {"n": commits})
-                    connection.execute(event, values)
-                if mode == "notify":
-                    connection.execute(notify, {"channel": NOTIFY_CHANNEL})
-            if mode == "on":
-                notifier.wake(engine.url)
+            with app.test_request_context(method="PATCH"):
+                item = get_or_404(ids[commits % ROWS_PER_WRITER])
+                check_if_match(item)
+                item.quantity = commits
+                commit_or_409(item)
+                etag(item)
             commits += 1
-    engine.dispose()
-    return commits
+        client, server = time.process_time() - started[0], process_cpu_seconds(backend) - started[1]
+        results.put((commits, client, server if backend_pid() == backend else float("nan")))
+
+
+class WriterGroup:
+    """`processes` writer processes of one project, started once and told to write in rounds."""
+
+    def __init__(self, context, project: Path, processes: int):
+        self.commands = [context.Queue() for _ in range(processes)]
+        self.results = context.Queue()
+        # A web worker of the service does not relay (compose runs the relay on its own).
+        environ = {**os.environ, "OUTBOX_RELAY_IN_APP": "false"}
+        self.processes = [
+            context.Process(
+                target=service_writer,
+                args=(str(project), environ, 1 + index * ROWS_PER_WRITER, commands, self.results),
+            )
+            for index, commands in enumerate(self.commands)
+        ]
+        for process in self.processes:
+            process.start()
+
+    def wait_ready(self) -> None:
+        for _ in self.processes:
+            self.results.get(timeout=1800)  # a loaded machine imports slowly
+
+    def run(self, seconds: float) -> dict[str, float]:
+        """Write for `seconds`: commits/s, and client and PostgreSQL backend CPU per commit (µs)."""
+        for commands in self.commands:
+            commands.put(seconds)
+        answers = [self.results.get(timeout=seconds + 600) for _ in self.processes]
+        commits, client, server = (sum(column) for column in zip(*answers, strict=True))
+        return {
+            "commits_per_s": commits / seconds,
+            "client_cpu_us": client / commits * 1e6,
+            "server_cpu_us": server / commits * 1e6,
+        }
+
+    def close(self) -> None:
+        for commands in self.commands:
+            commands.put(None)
+        for process in self.processes:
+            process.join(30)
 
 
 class NullTransport:
@@ -177,7 +246,7 @@ class Bench:
         from app import create_app
         from app.extensions import db
         from flask_migrate import upgrade
-        from sqlalchemy import MetaData, text
+        from sqlalchemy import MetaData
 
         self.db = db
         self.exchange = f"outbox-bench-{uuid.uuid4().hex[:8]}"
@@ -187,7 +256,6 @@ class Bench:
             metadata.reflect(db.engine)
             metadata.drop_all(db.engine)
             upgrade(revision="heads")
-            db.session.execute(text(f"CREATE TABLE {WRITE_TABLE} (id BIGSERIAL PRIMARY KEY, payload TEXT)"))
             db.session.commit()
         self.state = self.app.extensions["outbox"]
         self.amqp_url = amqp_url
@@ -359,26 +427,65 @@ class Bench:
         self.purge_sink()
         return rate
 
-    def writers(self, processes: int, seconds: float, modes=("off", "event", "on", "notify")) -> dict[str, float]:
-        """Commits/s of `processes` concurrent writer processes per mode (see commit_rows)."""
+    def writers(self, processes: int, seconds: float, rounds: int) -> dict:
+        """Commits/s of `processes` concurrent service writers, outbox off and on, in interleaved rounds.
+
+        "off" is the same service rendered with outbox=none, "on" this one;
+        both change the same rows of the same table. Every process of both
+        groups is started (and its app created) before the first round; in
+        each round one group writes while the other waits, the first group
+        alternating, so drift in the machine's load falls on both alike.
+        """
         from sqlalchemy import text
 
+        columns = "name, description, quantity, unit_price, status, created_at, updated_at, version"
+        with self.app.app_context(), self.db.engine.begin() as connection:
+            connection.execute(text("TRUNCATE orders RESTART IDENTITY"))
+            connection.execute(
+                text(
+                    f"INSERT INTO orders ({columns}) SELECT 'bench-' || n, 'a row the writers change', 0, 9.99,"
+                    " 'active', now(), now(), 1 FROM generate_series(1, :rows) AS n"
+                ),
+                {"rows": processes * ROWS_PER_WRITER},
+            )
         context = multiprocessing.get_context("spawn")
-        rates = {}
-        with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
-            barrier = manager.Barrier(processes)
-            for _ in pool.map(warm_up, [self.project] * processes, [barrier] * processes):
-                pass
-            for mode in modes:
-                with self.app.app_context(), self.db.engine.begin() as connection:
-                    connection.execute(text(f"TRUNCATE {WRITE_TABLE}, outbox_events"))
-                futures = [
-                    pool.submit(commit_rows, self.project, dict(os.environ), mode, seconds, barrier)
-                    for _ in range(processes)
-                ]
-                rates[mode] = sum(future.result() for future in futures) / seconds
+        with tempfile.TemporaryDirectory() as folder:
+            groups = {"off": render_without_outbox(Path(folder)), "on": Path(self.project)}
+            groups = {mode: WriterGroup(context, project, processes) for mode, project in groups.items()}
+            try:
+                for group in groups.values():
+                    group.wait_ready()
+                per_round = []
+                for index in range(rounds):
+                    runs = {}
+                    for mode in ("off", "on") if index % 2 == 0 else ("on", "off"):
+                        with self.app.app_context(), self.db.engine.begin() as connection:
+                            connection.execute(text("TRUNCATE outbox_events"))
+                        runs[mode] = groups[mode].run(seconds)
+                    cpu = {mode: run["client_cpu_us"] + run["server_cpu_us"] for mode, run in runs.items()}
+                    result = {
+                        **{f"{mode}_{key}": round(value, 1) for mode, run in runs.items() for key, value in run.items()},
+                        "ratio": round(runs["on"]["commits_per_s"] / runs["off"]["commits_per_s"], 3),
+                        # What the ratio is when the writers have the CPU to themselves.
+                        "cpu_ratio": round(cpu["off"] / cpu["on"], 3),
+                    }
+                    progress(f"writers round {index + 1}", result)
+                    per_round.append(result)
+            finally:
+                for group in groups.values():
+                    group.close()
         self.fill_backlog(0)
-        return rates
+        summary = {
+            key: statistics.median(result[key] for result in per_round)
+            for key in per_round[0]
+            if key.startswith(("off_", "on_"))
+        }
+        return {
+            "rounds": per_round,
+            **summary,
+            "ratio_median": statistics.median(result["ratio"] for result in per_round),
+            "cpu_ratio_median": statistics.median(result["cpu_ratio"] for result in per_round),
+        }
 
     def retention_rate(self, events: int) -> float:
         """Processed events past retention deleted per second by the relay's cleanup."""
@@ -457,16 +564,6 @@ class Bench:
         return done / elapsed
 
 
-def warm_up(project: str, barrier) -> None:
-    """Import what a writer needs, then wait until every process of the pool has."""
-    sys.path.insert(0, project)
-    import common_utils.outbox.relay  # noqa: F401
-    import config  # noqa: F401
-    import sqlalchemy  # noqa: F401
-
-    barrier.wait()
-
-
 def run_subset(args, only: set[str]) -> int:
     """Run some measurements only (to repeat one); prints them as JSON."""
     results = {}
@@ -485,9 +582,7 @@ def run_subset(args, only: set[str]) -> int:
                 results["latency"] = bench.latency(args.rate, args.seconds, args.latency_writers)
                 results["idle_latency"] = bench.latency(5, 8.0, writers=1)
             if "writers" in only:
-                writers = bench.writers(args.writers, args.writer_seconds)
-                results["writers_commits_per_s"] = writers
-                results["writers_ratio_on_off"] = round(writers["on"] / writers["off"], 3)
+                results["writers"] = bench.writers(args.writers, args.writer_seconds, args.writer_rounds)
             if "retention" in only:
                 results["retention_deleted_per_s"] = bench.retention_rate(args.events)
             if "guide" in only:
@@ -514,7 +609,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the latency run")
     parser.add_argument("--latency-writers", type=int, default=12, help="writer processes offering --rate together")
     parser.add_argument("--writers", type=int, default=16, help="writer processes for the commit throughput run")
-    parser.add_argument("--writer-seconds", type=float, default=5.0, help="length of each commit throughput run")
+    parser.add_argument("--writer-seconds", type=float, default=8.0, help="length of each commit throughput run")
+    parser.add_argument("--writer-rounds", type=int, default=7, help="rounds of the commit throughput run (off and on each)")
     parser.add_argument("--guide-events", type=int, default=5000, help="backlog for the guide's loop")
     parser.add_argument("--guide-rounds", type=int, default=3, help="rounds of the guide's loop as written (10 s apart)")
     parser.add_argument("--only", help="comma-separated subset: raw,relay,latency,writers,retention,guide")
@@ -534,7 +630,7 @@ def main() -> int:
             relay = {workers: progress(f"relay, {workers} worker(s)", bench.relay_rate(args.events, workers)) for workers in (1, 2)}
             latency = progress("latency", bench.latency(args.rate, args.seconds, args.latency_writers))
             idle = progress("idle latency", bench.latency(5, 8.0, writers=1))
-            writers = progress("writers", bench.writers(args.writers, args.writer_seconds))
+            writers = progress("writers", bench.writers(args.writers, args.writer_seconds, args.writer_rounds))
             retention = progress("retention", bench.retention_rate(args.events))
             guide = progress("guide, no sleep", bench.guide_rate(args.guide_events))
             bench.fill_backlog(args.guide_events)
@@ -552,9 +648,7 @@ def main() -> int:
         "relay_share_of_slower_raw": round(best_relay / slower_raw, 3),
         "latency": latency,
         "idle_latency": idle,
-        "writers_commits_per_s": {mode: round(rate) for mode, rate in writers.items()},
-        "writers_ratio_on_off": round(writers["on"] / writers["off"], 3),
-        "writers_ratio_notify_in_transaction_off": round(writers["notify"] / writers["off"], 3),
+        "writers": writers,
         "retention_deleted_per_s": round(retention),
         "guide_loop_without_sleep_per_s": round(guide, 1),
         "guide_loop_as_written_per_s": round(guide_written, 2),
@@ -575,10 +669,12 @@ def main() -> int:
             f"p99 {run['p99_ms']} ms, max {run['max_ms']} ms ({run['confirmed']}/{run['events']} confirmed)"
         )
     print(
-        f"  {args.writers} writers, commits/s: outbox off {writers['off']:.0f}, on {writers['on']:.0f} "
-        f"({writers['on'] / writers['off']:.0%}; target >= 90%), event row without wake-up "
-        f"{writers['event']:.0f}, old in-transaction pg_notify {writers['notify']:.0f} "
-        f"({writers['notify'] / writers['off']:.0%})"
+        f"  {args.writers} writers (PATCH's writes), medians of {args.writer_rounds} rounds: commits/s outbox off "
+        f"{writers['off_commits_per_s']:.0f}, on {writers['on_commits_per_s']:.0f}; ratio on/off per round "
+        f"{', '.join(format(result['ratio'], '.2f') for result in writers['rounds'])}, "
+        f"median {writers['ratio_median']:.2f} (target >= 0.90); CPU per commit (client + PostgreSQL) off "
+        f"{writers['off_client_cpu_us'] + writers['off_server_cpu_us']:.0f} µs, on "
+        f"{writers['on_client_cpu_us'] + writers['on_server_cpu_us']:.0f} µs, ratio {writers['cpu_ratio_median']:.2f}"
     )
     print(f"  retention: {retention:8.0f} processed events deleted/s (target >= 10,000)")
     print(f"  guide's loop, no sleep                   {guide:8.1f} events/s  ({best_relay / guide:.0f}x slower than the relay)")

@@ -15,6 +15,7 @@ The names are the migration guide's: `OutboxEvent` (with
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -38,6 +39,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     and_,
+    bindparam,
     event,
     inspect,
     select,
@@ -151,7 +153,8 @@ def capture_trace_headers() -> dict[str, str]:
     `traceparent` the caller sent is passed through unchanged.
     """
     carrier: dict[str, str] = {}
-    if otel_propagate is not None:
+    # Injecting costs more than the rest of an event's values: only when there is a span to carry.
+    if otel_propagate is not None and otel_trace.get_current_span().get_span_context().is_valid:
         otel_propagate.inject(carrier)
     if "traceparent" not in carrier and has_request_context():
         traceparent = request.headers.get("traceparent", "").strip().lower()
@@ -234,6 +237,22 @@ def primary_key_clause(mapper: Mapper, identity: tuple) -> Any:
     return and_(*(column == value for column, value in zip(mapper.primary_key, identity, strict=True)))
 
 
+@functools.cache
+def read_back(mapper: Mapper) -> tuple[list, Any]:
+    """The mapper's column attributes and the SELECT of their row by primary key (bound as pk_0, pk_1...).
+
+    Built once per mapper: constructing and compiling it again for every
+    event cost more than running it.
+    """
+    attributes = list(mapper.column_attrs)
+    statement = (
+        select(*(attribute.columns[0] for attribute in attributes))
+        .select_from(mapper.persist_selectable)
+        .where(and_(*(column == bindparam(f"pk_{index}") for index, column in enumerate(mapper.primary_key))))
+    )
+    return attributes, statement
+
+
 def as_written(connection: Connection, obj: OutboxMixin) -> OutboxMixin:
     """A detached copy of `obj` loaded from its row as this transaction has just written it.
 
@@ -243,12 +262,9 @@ def as_written(connection: Connection, obj: OutboxMixin) -> OutboxMixin:
     sees its own writes, and an UPDATE writes on the newest committed row).
     """
     mapper = inspect(obj).mapper
-    attributes = list(mapper.column_attrs)
-    row = connection.execute(
-        select(*(attribute.columns[0] for attribute in attributes))
-        .select_from(mapper.persist_selectable)
-        .where(primary_key_clause(mapper, mapper.primary_key_from_instance(obj)))
-    ).one()
+    attributes, statement = read_back(mapper)
+    identity = mapper.primary_key_from_instance(obj)
+    row = connection.execute(statement, {f"pk_{index}": value for index, value in enumerate(identity)}).one()
     copy = mapper.class_manager.new_instance()
     for attribute, value in zip(attributes, row, strict=True):
         set_committed_value(copy, attribute.key, value)
@@ -278,6 +294,12 @@ def _snapshot_deletes(session: Session, flush_context, instances) -> None:
         session.info.setdefault(PENDING_DELETES, []).extend(deleted)
 
 
+@functools.cache
+def insert_events() -> Any:
+    """The INSERT of event rows, built once (OutboxEvent is declared below)."""
+    return OutboxEvent.__table__.insert()
+
+
 @event.listens_for(Session, "after_flush")
 def _write_events(session: Session, flush_context) -> None:
     """Insert the events of this flush on the flush's own connection (same transaction)."""
@@ -297,7 +319,7 @@ def _write_events(session: Session, flush_context) -> None:
         return
     connection = session.connection(bind_arguments={"mapper": OutboxEvent.__mapper__})
     if rows:
-        connection.execute(OutboxEvent.__table__.insert(), rows)
+        connection.execute(insert_events(), rows)
     session.info[WROTE_EVENTS] = connection.engine.url
 
 

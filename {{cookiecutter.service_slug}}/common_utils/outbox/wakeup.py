@@ -42,7 +42,8 @@ class Notifier:
     def wake(self, url=None) -> None:
         if url is not None and url != self.url:
             return
-        self.pending.set()
+        if not self.pending.is_set():  # else the next NOTIFY is already due: no lock, no thread switch
+            self.pending.set()
         if self.thread is None or self.pid != os.getpid():  # first use, or a forked child
             with self.lock:
                 if self.thread is None or self.pid != os.getpid():
