@@ -78,6 +78,15 @@ return {current, redis.call("ttl", KEYS[1])}
 FULL_PATH = object()
 
 
+def bulk_strings(*values: str | int) -> bytes:
+    """`values` as RESP bulk strings, as redis-py's command packer writes them (without its generality)."""
+    packed = b""
+    for value in values:
+        data = str(value).encode()
+        packed += b"$%d\r\n%s\r\n" % (len(data), data)
+    return packed
+
+
 class OneTripRedisStorage(RedisStorage):
     """limits' Redis storage, counting a hit and reading its window in one round trip.
 
@@ -98,6 +107,8 @@ class OneTripRedisStorage(RedisStorage):
     def initialize_storage(self, uri: str) -> None:
         super().initialize_storage(uri)
         self.lua_incr_expire_ttl = self.get_connection().register_script(INCR_EXPIRE_TTL)
+        # EVALSHA <sha> 1 <key> <expiry> <amount> in RESP, packed once up to the key.
+        self._evalsha = b"*6\r\n" + bulk_strings("EVALSHA", self.lua_incr_expire_ttl.sha, 1)
 
     def hit_window(self, key: str, expiry: int, amount: int = 1) -> tuple[int, float]:
         """Count `amount` on `key`: (the window's count, when it expires as a timestamp)."""
@@ -105,7 +116,7 @@ class OneTripRedisStorage(RedisStorage):
         pool = self.storage.connection_pool
         connection = pool.get_connection()
         try:
-            connection.send_command("EVALSHA", self.lua_incr_expire_ttl.sha, 1, key, expiry, amount)
+            connection.send_packed_command([self._evalsha + bulk_strings(key, expiry, amount)])
             count, ttl = connection.read_response()
         except NoScriptError:  # Redis restarted or SCRIPT FLUSH: redis-py loads it again
             count, ttl = self.lua_incr_expire_ttl([key], [expiry, amount])
