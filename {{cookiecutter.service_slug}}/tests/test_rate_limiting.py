@@ -63,6 +63,33 @@ def test_a_responses_own_retry_after_is_kept(make_app):
     assert response.headers["X-RateLimit-Limit"] == "5"
 
 
+def test_the_limiters_own_decorators_still_apply(make_app):
+    """`limiter.limit(...)` on a view replaces the default limit there; `limiter.exempt` lifts every limit."""
+    app = make_app(RATELIMIT_DEFAULT="3 per minute")
+    limiter = app.extensions["rate_limiting"]
+
+    @app.get("/tight")
+    @limiter.limit("1 per minute")
+    def tight():
+        return {"served": True}
+
+    @app.get("/free")
+    @limiter.exempt
+    def free():
+        return {"served": True}
+
+    client = app.test_client()
+    first = client.get("/tight")
+    assert (first.status_code, first.headers["X-RateLimit-Limit"]) == (200, "1")
+    refused = client.get("/tight")
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["details"] == {"limit": "1 per 1 minute"}
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    free_responses = [client.get("/free") for _ in range(5)]
+    assert [response.status_code for response in free_responses] == [200] * 5
+    assert not any(header in free_responses[-1].headers for header in LIMIT_HEADERS)
+
+
 def test_writes_have_their_own_tighter_limit(make_app, collection_url, new_item):
     """RATELIMIT_WRITE applies to every write method on top of the default; reads are not affected."""
     client = make_app(RATELIMIT_DEFAULT="100 per minute", RATELIMIT_WRITE="2 per minute").test_client()
@@ -241,18 +268,19 @@ def test_one_redis_round_trip_per_request(make_app, collection_url, monkeypatch)
     redis = app.extensions["rate_limiting"].storage.get_connection()
     sent = []
     connection_class = redis.connection_pool.connection_class
-    send_command = connection_class.send_command
+    send_packed_command = connection_class.send_packed_command
 
-    def counting(connection, *args, **kwargs):
-        sent.append(args[0])
-        return send_command(connection, *args, **kwargs)
+    def counting(connection, command, *args, **kwargs):
+        packed = b"".join(command) if isinstance(command, list) else command
+        sent.append(packed.split(b"\r\n")[2].decode())  # *<n> $<length> <command name> ...
+        return send_packed_command(connection, command, *args, **kwargs)
 
     client = app.test_client()
     try:
         # The first request opens the pooled connection (its handshake is not a round trip per request).
         assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
         # Every command this process sends to Redis from here, whichever client or pool sends it.
-        monkeypatch.setattr(connection_class, "send_command", counting)
+        monkeypatch.setattr(connection_class, "send_packed_command", counting)
         responses = [client.get(collection_url) for _ in range(3)]
         assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["3", "2", "1"]
         now = time.time()
