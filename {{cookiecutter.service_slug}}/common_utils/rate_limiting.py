@@ -49,7 +49,7 @@ import itertools
 import threading
 import time
 
-from flask import Flask, current_app, g, request
+from flask import Flask, current_app, request
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_qualified_name
 from limits.storage import RedisStorage
@@ -174,7 +174,8 @@ class LeanLimiter(Limiter):
         self._hit_window = getattr(self.storage, "hit_window", None)
         app.before_request(self._check_request_limit)
         app.after_request(self._add_headers)
-        app.teardown_request(self._release_context)
+        # No teardown: Flask-Limiter's per-request state lives on the request
+        # context, and LeanLimiter's on the request: both go with the request.
 
     def _check_request_limit(
         self, callable_name: str | None = None, in_middleware: bool = True
@@ -209,7 +210,7 @@ class LeanLimiter(Limiter):
         return None
 
     def _full_path(self, callable_name: str | None, in_middleware: bool) -> None:
-        g.rate_limit_full_path = True
+        request.rate_limit_full_path = True
         return super()._check_request_limit(callable_name, in_middleware)
 
     def _full_path_from_view(self, endpoint: str | None, callable_name: str | None) -> None:
@@ -279,33 +280,34 @@ class LeanLimiter(Limiter):
                 self.logger.info(
                     "ratelimit %s (%s) exceeded at endpoint: %s", item, identity, scope
                 )
-                g.rate_limit_header = header
+                request.rate_limit_header = header
                 raise RateLimitExceeded(limit)
             headers.append((limit.shared, header))
         if headers:
             # Flask-Limiter's choice: the first limit not shared (plans are sorted), else the first.
-            g.rate_limit_header = next(
+            request.rate_limit_header = next(
                 (header for shared, header in headers if not shared), headers[0][1]
             )
 
     def _add_headers(self, response):
         """X-RateLimit-Limit, -Remaining and -Reset on every limited response; Retry-After on a 429."""
-        header = g.pop("rate_limit_header", None)
+        header = getattr(request, "rate_limit_header", None)
         if header is None:
             header = self._header_from_full_path()
             if header is None:
                 return response
         amount, remaining, reset_at = header
-        response.headers["X-RateLimit-Limit"] = str(amount)
-        response.headers["X-RateLimit-Remaining"] = str(remaining)
-        response.headers["X-RateLimit-Reset"] = str(reset_at)
+        headers = response.headers  # only this hook writes these: add, no search for old ones
+        headers.add("X-RateLimit-Limit", str(amount))
+        headers.add("X-RateLimit-Remaining", str(remaining))
+        headers.add("X-RateLimit-Reset", str(reset_at))
         if response.status_code == 429:
-            response.headers["Retry-After"] = str(max(0, int(reset_at - time.time())))
+            headers["Retry-After"] = str(max(0, int(reset_at - time.time())))
         return response
 
     def _header_from_full_path(self) -> tuple[int, int, int] | None:
         """The header values Flask-Limiter's own path left in its request context, if it ran."""
-        if not g.get("rate_limit_full_path"):
+        if not getattr(request, "rate_limit_full_path", False):
             return None
         limit = self.current_limit
         if limit is None:
@@ -321,9 +323,6 @@ class LeanLimiter(Limiter):
                 return self._header_from_full_path()
             raise
 
-    def _release_context(self, _error: BaseException | None = None) -> None:
-        if g.pop("rate_limit_full_path", False):
-            self.context.reset()
 
 
 def redis_options(timeout: float) -> dict:
