@@ -76,6 +76,8 @@ return {current, redis.call("ttl", KEYS[1])}
 """
 #: Marks an endpoint and method whose limits only Flask-Limiter's own path can resolve.
 FULL_PATH = object()
+#: Stands for the client's identity in a key built once per plan (never part of a real one).
+IDENTITY = "\x00identity\x00"
 
 
 def bulk_strings(*values: str | int) -> bytes:
@@ -155,8 +157,9 @@ class LeanLimiter(Limiter):
     """A flask_limiter.Limiter that resolves each route's limits once (see the module docstring).
 
     The limits that apply to an endpoint and method are resolved on its first
-    request with Flask-Limiter's own rules and kept as a plan: (limit, scope)
-    pairs sorted as Flask-Limiter sorts them. A plan is kept only when every
+    request with Flask-Limiter's own rules and kept as a plan: each limit with
+    its scope and its storage key around the client's identity, sorted as
+    Flask-Limiter sorts them. A plan is kept only when every
     limit is static; otherwise the endpoint is marked FULL_PATH and every
     request goes through Flask-Limiter's `_check_request_limit` as before.
     Headers follow Flask-Limiter's rules too: the breached limit, or else the
@@ -222,7 +225,7 @@ class LeanLimiter(Limiter):
         """
         plan = self._plans.get((endpoint, request.method))
         if plan is not None and plan is not FULL_PATH:
-            self.context.seen_limits.update(limit for limit, _ in plan)
+            self.context.seen_limits.update(entry[0] for entry in plan)
             self._plans[endpoint, request.method] = FULL_PATH
         return self._full_path(callable_name, False)
 
@@ -259,17 +262,23 @@ class LeanLimiter(Limiter):
             if callable(limit.scope):
                 return FULL_PATH
             if not limit.method_exempt:
-                plan.append((limit, limit.scope_for(endpoint, request.method)))
+                scope = limit.scope_for(endpoint, request.method)
+                # limits' own key for this limit and scope, split where the client's identity goes.
+                ids = (self._key_prefix, IDENTITY, scope) if self._key_prefix else (IDENTITY, scope)
+                head, _, tail = limit.limit.key_for(*ids).partition(IDENTITY)
+                plan.append((limit, scope, head, tail))
         return plan
 
     def _count(self, plan) -> None:
         """Count a hit on each limit of the plan; raise RateLimitExceeded at the first one over."""
-        prefix = self._key_prefix
         headers = []
-        for limit, scope in plan:
+        for limit, scope, head, tail in plan:
             item = limit.limit
             identity = limit.key_func()
-            key = item.key_for(prefix, identity, scope) if prefix else item.key_for(identity, scope)
+            if not identity:
+                self.logger.error(f"Skipping limit: {item}. Empty value found in parameters.")
+                continue
+            key = head + str(identity) + tail
             if self._hit_window is not None:
                 count, expires_at = self._hit_window(key, item.get_expiry(), limit.cost)
             else:

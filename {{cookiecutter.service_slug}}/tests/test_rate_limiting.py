@@ -9,6 +9,8 @@ import threading
 import time
 import uuid
 
+from flask import request
+
 from tests.conftest import skip_or_fail
 
 LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
@@ -88,6 +90,20 @@ def test_the_limiters_own_decorators_still_apply(make_app):
     free_responses = [client.get("/free") for _ in range(5)]
     assert [response.status_code for response in free_responses] == [200] * 5
     assert not any(header in free_responses[-1].headers for header in LIMIT_HEADERS)
+
+
+def test_counters_are_kept_under_flask_limiters_own_keys(make_app, collection_url):
+    """The lean path counts where Flask-Limiter's own path (decorated views, fallback, its CLI) looks."""
+    app = make_app(RATELIMIT_DEFAULT="5 per minute")
+    limiter = app.extensions["rate_limiting"]
+    client = app.test_client()
+    assert [client.get(collection_url).status_code for _ in range(2)] == [200, 200]
+    with app.test_request_context(collection_url):
+        endpoint = request.url_rule.endpoint
+    [default] = limiter.limit_manager.default_limits
+    prefix = [app.config["RATELIMIT_KEY_PREFIX"]] if app.config.get("RATELIMIT_KEY_PREFIX") else []
+    window = limiter.limiter.get_window_stats(default.limit, *prefix, "127.0.0.1", endpoint)
+    assert window.remaining == 3
 
 
 def test_writes_have_their_own_tighter_limit(make_app, collection_url, new_item):
