@@ -333,7 +333,6 @@ class LeanLimiter(Limiter):
             raise
 
 
-
 def redis_options(timeout: float) -> dict:
     """Each connect and each reply waits `timeout` at most, and a failed command is not retried."""
     if timeout <= 0:
