@@ -28,21 +28,33 @@
 Each app gets its own Limiter (Flask-Limiter keeps its storage and limits
 on the Limiter object), so several apps in one process never share counters.
 
-One Redis round trip per limit and request: Flask-Limiter counts a hit
-(one call) and then reads the window's count and expiry for the headers
-(two more). OneTripRedisStorage counts and reads both in one script and
-answers the two reads from what that script returned.
+Per request the limiter does only what the request needs. Flask-Limiter
+resolves which limits apply to a request (defaults, blueprint limits,
+exemptions, methods) on every request, and builds a few objects per limit
+for the headers; the limits of a route do not change between requests, so
+LeanLimiter resolves them once per endpoint and method and then only counts:
+one Redis round trip per limit (the hit, and the window's count and expiry
+for the headers, in one script sent straight on a pooled connection) and
+the three headers. Flask-Limiter's full path still serves what cannot be
+resolved once: views decorated with `limiter.limit(...)`, dynamic limits
+(a callable instead of a string), `exempt_when`, `deduct_when`, `cost`
+callables, meta limits, and the in-memory fallback while Redis is away.
+Its public API is unchanged: `limiter.limit`, `limiter.shared_limit`,
+`limiter.exempt`, `limiter.request_filter` and the RATELIMIT_* settings.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
-from flask import Flask, current_app, g, request
+from flask import Flask, current_app, request
 from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter.util import get_qualified_name
 from limits.storage import RedisStorage
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from app.errors import error_response
@@ -62,15 +74,30 @@ if current == tonumber(ARGV[2]) then
 end
 return {current, redis.call("ttl", KEYS[1])}
 """
+#: Marks an endpoint and method whose limits only Flask-Limiter's own path can resolve.
+FULL_PATH = object()
+#: Stands for the client's identity in a key built once per plan (never part of a real one).
+IDENTITY = "\x00identity\x00"
+
+
+def bulk_strings(*values: str | int) -> bytes:
+    """`values` as RESP bulk strings, as redis-py's command packer writes them (without its generality)."""
+    packed = b""
+    for value in values:
+        data = str(value).encode()
+        packed += b"$%d\r\n%s\r\n" % (len(data), data)
+    return packed
 
 
 class OneTripRedisStorage(RedisStorage):
-    """limits' Redis storage, answering the reads that follow a hit from the hit's own reply.
+    """limits' Redis storage, counting a hit and reading its window in one round trip.
 
-    Flask-Limiter reads the count and expiry of a window right after
-    counting a hit on it (for the X-RateLimit-* headers). The hit's script
-    returns both, kept per thread for that key and used once; any other
-    read goes to Redis as before.
+    `hit_window` is LeanLimiter's call: the script runs with EVALSHA on a
+    connection taken straight from the pool. Flask-Limiter's own path (see
+    the module docstring) reads the count and expiry of a window right
+    after counting a hit on it, for the X-RateLimit-* headers: `incr` keeps
+    the script's answer per thread for that key and `get`/`get_expiry`
+    answer from it once; any other read goes to Redis as before.
     """
 
     STORAGE_SCHEME = [ONE_TRIP_PREFIX + scheme for scheme in ("redis", "rediss", "redis+unix")]
@@ -82,6 +109,25 @@ class OneTripRedisStorage(RedisStorage):
     def initialize_storage(self, uri: str) -> None:
         super().initialize_storage(uri)
         self.lua_incr_expire_ttl = self.get_connection().register_script(INCR_EXPIRE_TTL)
+        # EVALSHA <sha> 1 <key> <expiry> <amount> in RESP, packed once up to the key.
+        self._evalsha = b"*6\r\n" + bulk_strings("EVALSHA", self.lua_incr_expire_ttl.sha, 1)
+
+    def hit_window(self, key: str, expiry: int, amount: int = 1) -> tuple[int, float]:
+        """Count `amount` on `key`: (the window's count, when it expires as a timestamp)."""
+        key = self.prefixed_key(key)
+        pool = self.storage.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([self._evalsha + bulk_strings(key, expiry, amount)])
+            count, ttl = connection.read_response()
+        except NoScriptError:  # Redis restarted or SCRIPT FLUSH: redis-py loads it again
+            count, ttl = self.lua_incr_expire_ttl([key], [expiry, amount])
+        except BaseException:
+            connection.disconnect()  # a reply may still be on its way: never reuse it
+            raise
+        finally:
+            pool.release(connection)
+        return int(count), max(int(ttl), 0) + time.time()
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         count, ttl = self.lua_incr_expire_ttl([self.prefixed_key(key)], [expiry, amount])
@@ -107,11 +153,195 @@ class OneTripRedisStorage(RedisStorage):
         return super().get_expiry(key) if expires_at is None else expires_at
 
 
+class LeanLimiter(Limiter):
+    """A flask_limiter.Limiter that resolves each route's limits once (see the module docstring).
+
+    The limits that apply to an endpoint and method are resolved on its first
+    request with Flask-Limiter's own rules and kept as a plan: each limit with
+    its scope and its storage key around the client's identity, sorted as
+    Flask-Limiter sorts them. A plan is kept only when every
+    limit is static; otherwise the endpoint is marked FULL_PATH and every
+    request goes through Flask-Limiter's `_check_request_limit` as before.
+    Headers follow Flask-Limiter's rules too: the breached limit, or else the
+    first one not shared; Retry-After only on a 429.
+    """
+
+    def init_app(self, app: Flask) -> None:
+        # Flask-Limiter registers its hooks unless the app already lists this
+        # limiter: list it first, and register the lean hooks instead.
+        app.extensions.setdefault("limiter", set()).add(self)
+        super().init_app(app)
+        if not self.enabled:
+            return
+        self._plans: dict[tuple[str, str], object] = {}
+        self._hit_window = getattr(self.storage, "hit_window", None)
+        app.before_request(self._check_request_limit)
+        app.after_request(self._add_headers)
+        # No teardown: Flask-Limiter's per-request state lives on the request
+        # context, and LeanLimiter's on the request: both go with the request.
+
+    def _check_request_limit(
+        self, callable_name: str | None = None, in_middleware: bool = True
+    ) -> None:
+        endpoint = request.endpoint
+        if callable_name is not None or not in_middleware:
+            return self._full_path_from_view(endpoint, callable_name)
+        if self._storage_dead or not endpoint:
+            return self._full_path(callable_name, in_middleware)
+        if any(exempt() for exempt in self._request_filters):
+            return None
+        plan = self._plans.get((endpoint, request.method))
+        if plan is None:
+            plan = self._plans[endpoint, request.method] = self._plan(endpoint)
+        if plan is FULL_PATH:
+            return self._full_path(callable_name, in_middleware)
+        try:
+            self._count(plan)
+        except RateLimitExceeded:
+            raise
+        except Exception:
+            if not self._in_memory_fallback_enabled:
+                if self._swallow_errors:
+                    self.logger.exception("Failed to rate limit. Swallowing error")
+                    return None
+                raise
+            self.logger.warning(
+                "Rate limit storage unreachable - falling back to in-memory storage"
+            )
+            self._storage_dead = True
+            return self._full_path(callable_name, in_middleware)
+        return None
+
+    def _full_path(self, callable_name: str | None, in_middleware: bool) -> None:
+        request.rate_limit_full_path = True
+        return super()._check_request_limit(callable_name, in_middleware)
+
+    def _full_path_from_view(self, endpoint: str | None, callable_name: str | None) -> None:
+        """A `limiter.limit` decorator or context manager inside a view: Flask-Limiter's path.
+
+        If this request's defaults were already counted from a plan, Flask-Limiter
+        is told so (it would count them again), and the endpoint's plan is dropped:
+        its limits now depend on the view.
+        """
+        plan = self._plans.get((endpoint, request.method))
+        if plan is not None and plan is not FULL_PATH:
+            self.context.seen_limits.update(entry[0] for entry in plan)
+            self._plans[endpoint, request.method] = FULL_PATH
+        return self._full_path(callable_name, False)
+
+    def _plan(self, endpoint: str):
+        """This request's limits as [(RuntimeLimit, scope)], or FULL_PATH when they may change per request."""
+        manager = self.limit_manager
+        groups = itertools.chain(
+            manager._application_limits,
+            manager._default_limits,
+            *manager._blueprint_limits.values(),
+            *manager._decorated_limits.values(),
+        )
+        view = current_app.view_functions.get(endpoint)
+        if (
+            self._meta_limits
+            or self._on_breach
+            or manager.has_hints(endpoint)
+            or (view is not None and get_qualified_name(view) in self._marked_for_limiting)
+            or any(callable(group.limit_provider) for group in groups)
+        ):
+            return FULL_PATH
+        limits = self._Limiter__filter_limits(endpoint, request.blueprint, None, True)
+        self.context.seen_limits.clear()  # the resolution above noted them for this request only
+        plan = []
+        for limit in sorted(limits, key=lambda lim: lim.limit):
+            if (
+                limit.exempt_when
+                or limit.deduct_when
+                or limit.on_breach
+                or limit.meta_limits
+                or callable(limit.cost)
+            ):
+                return FULL_PATH
+            if callable(limit.scope):
+                return FULL_PATH
+            if not limit.method_exempt:
+                scope = limit.scope_for(endpoint, request.method)
+                # limits' own key for this limit and scope, split where the client's identity goes.
+                ids = (self._key_prefix, IDENTITY, scope) if self._key_prefix else (IDENTITY, scope)
+                head, _, tail = limit.limit.key_for(*ids).partition(IDENTITY)
+                plan.append((limit, scope, head, tail))
+        return plan
+
+    def _count(self, plan) -> None:
+        """Count a hit on each limit of the plan; raise RateLimitExceeded at the first one over."""
+        headers = []
+        for limit, scope, head, tail in plan:
+            item = limit.limit
+            identity = limit.key_func()
+            if not identity:
+                self.logger.error(f"Skipping limit: {item}. Empty value found in parameters.")
+                continue
+            key = head + str(identity) + tail
+            if self._hit_window is not None:
+                count, expires_at = self._hit_window(key, item.get_expiry(), limit.cost)
+            else:
+                count = self.storage.incr(key, item.get_expiry(), amount=limit.cost)
+                expires_at = self.storage.get_expiry(key)
+            header = (item.amount, max(0, item.amount - count), int(expires_at + 1))
+            if count > item.amount:
+                self.logger.info(
+                    "ratelimit %s (%s) exceeded at endpoint: %s", item, identity, scope
+                )
+                request.rate_limit_header = header
+                raise RateLimitExceeded(limit)
+            headers.append((limit.shared, header))
+        if headers:
+            # Flask-Limiter's choice: the first limit not shared (plans are sorted), else the first.
+            request.rate_limit_header = next(
+                (header for shared, header in headers if not shared), headers[0][1]
+            )
+
+    def _add_headers(self, response):
+        """X-RateLimit-Limit, -Remaining and -Reset on every limited response; Retry-After on a 429."""
+        header = getattr(request, "rate_limit_header", None)
+        if header is None:
+            header = self._header_from_full_path()
+            if header is None:
+                return response
+        amount, remaining, reset_at = header
+        headers = response.headers  # only this hook writes these: add, no search for old ones
+        headers.add("X-RateLimit-Limit", str(amount))
+        headers.add("X-RateLimit-Remaining", str(remaining))
+        headers.add("X-RateLimit-Reset", str(reset_at))
+        if response.status_code == 429:
+            headers["Retry-After"] = str(max(0, int(reset_at - time.time())))
+        return response
+
+    def _header_from_full_path(self) -> tuple[int, int, int] | None:
+        """The header values Flask-Limiter's own path left in its request context, if it ran."""
+        if not getattr(request, "rate_limit_full_path", False):
+            return None
+        limit = self.current_limit
+        if limit is None:
+            return None
+        try:
+            return limit.limit.amount, limit.remaining, limit.reset_at
+        except Exception:
+            if self._in_memory_fallback_enabled and not self._storage_dead:
+                self.logger.warning(
+                    "Rate limit storage unreachable - falling back to in-memory storage"
+                )
+                self._storage_dead = True
+                return self._header_from_full_path()
+            raise
+
+
 def redis_options(timeout: float) -> dict:
     """Each connect and each reply waits `timeout` at most, and a failed command is not retried."""
     if timeout <= 0:
         raise ValueError(f"RATELIMIT_STORAGE_TIMEOUT must be > 0, got {timeout}")
-    return {"socket_connect_timeout": timeout, "socket_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+    return {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
 
 
 def client_address() -> str:
@@ -123,28 +353,8 @@ def is_exempt() -> bool:
     return request.path in EXEMPT_PATHS
 
 
-def remember_retry_after(response):
-    g.retry_after_before_limits = response.headers.get("Retry-After")
-    return response
-
-
-def restore_retry_after(response):
-    """Flask-Limiter writes Retry-After on every limited response; keep it on 429s only.
-
-    Other responses get back the Retry-After they had (say, a 503 from an open
-    circuit breaker), or none.
-    """
-    if response.status_code != 429:
-        original = g.pop("retry_after_before_limits", None)
-        if original is None:
-            response.headers.pop("Retry-After", None)
-        else:
-            response.headers["Retry-After"] = original
-    return response
-
-
 def too_many_requests(error: RateLimitExceeded):
-    """429 in the JSON error shape; Flask-Limiter adds Retry-After and the X-RateLimit headers."""
+    """429 in the JSON error shape; the limiter adds Retry-After and the X-RateLimit headers."""
     return error_response(
         429,
         f"Too many requests: the limit is {error.description}. Retry after the time in Retry-After.",
@@ -164,7 +374,7 @@ def one_trip(storage_uri: str) -> bool:
 
 
 class RateLimiting:
-    """The extension; `rate_limiting.limiter()` is the app's flask_limiter.Limiter."""
+    """The extension; `rate_limiting.limiter()` is the app's flask_limiter.Limiter (a LeanLimiter)."""
 
     def __init__(self, app: Flask | None = None):
         if app is not None:
@@ -173,7 +383,7 @@ class RateLimiting:
     def init_app(self, app: Flask) -> Limiter:
         storage_uri = app.config.setdefault("RATELIMIT_STORAGE_URI", "memory://")
         redis = storage_uri.startswith(("redis://", "rediss://", "redis+"))
-        limiter = Limiter(
+        limiter = LeanLimiter(
             key_func=client_address,
             storage_uri=ONE_TRIP_PREFIX + storage_uri if one_trip(storage_uri) else None,
             headers_enabled=True,
@@ -186,11 +396,7 @@ class RateLimiting:
             else {},
         )
         limiter.request_filter(is_exempt)
-        # after_request functions run last-registered first: remember the
-        # response's own Retry-After before the limiter's hook, restore it after.
-        app.after_request(restore_retry_after)
         limiter.init_app(app)
-        app.after_request(remember_retry_after)
         app.extensions[EXTENSION_KEY] = limiter
         app.register_error_handler(RateLimitExceeded, too_many_requests)
         if limiter.enabled:

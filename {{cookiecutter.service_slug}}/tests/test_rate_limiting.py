@@ -9,6 +9,8 @@ import threading
 import time
 import uuid
 
+from flask import request
+
 from tests.conftest import skip_or_fail
 
 LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
@@ -61,6 +63,47 @@ def test_a_responses_own_retry_after_is_kept(make_app):
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "7"
     assert response.headers["X-RateLimit-Limit"] == "5"
+
+
+def test_the_limiters_own_decorators_still_apply(make_app):
+    """`limiter.limit(...)` on a view replaces the default limit there; `limiter.exempt` lifts every limit."""
+    app = make_app(RATELIMIT_DEFAULT="3 per minute")
+    limiter = app.extensions["rate_limiting"]
+
+    @app.get("/tight")
+    @limiter.limit("1 per minute")
+    def tight():
+        return {"served": True}
+
+    @app.get("/free")
+    @limiter.exempt
+    def free():
+        return {"served": True}
+
+    client = app.test_client()
+    first = client.get("/tight")
+    assert (first.status_code, first.headers["X-RateLimit-Limit"]) == (200, "1")
+    refused = client.get("/tight")
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["details"] == {"limit": "1 per 1 minute"}
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    free_responses = [client.get("/free") for _ in range(5)]
+    assert [response.status_code for response in free_responses] == [200] * 5
+    assert not any(header in free_responses[-1].headers for header in LIMIT_HEADERS)
+
+
+def test_counters_are_kept_under_flask_limiters_own_keys(make_app, collection_url):
+    """The lean path counts where Flask-Limiter's own path (decorated views, fallback, its CLI) looks."""
+    app = make_app(RATELIMIT_DEFAULT="5 per minute")
+    limiter = app.extensions["rate_limiting"]
+    client = app.test_client()
+    assert [client.get(collection_url).status_code for _ in range(2)] == [200, 200]
+    with app.test_request_context(collection_url):
+        endpoint = request.url_rule.endpoint
+    [default] = limiter.limit_manager.default_limits
+    prefix = [app.config["RATELIMIT_KEY_PREFIX"]] if app.config.get("RATELIMIT_KEY_PREFIX") else []
+    window = limiter.limiter.get_window_stats(default.limit, *prefix, "127.0.0.1", endpoint)
+    assert window.remaining == 3
 
 
 def test_writes_have_their_own_tighter_limit(make_app, collection_url, new_item):
@@ -240,17 +283,22 @@ def test_one_redis_round_trip_per_request(make_app, collection_url, monkeypatch)
     )
     redis = app.extensions["rate_limiting"].storage.get_connection()
     sent = []
-    execute = redis.execute_command
+    connection_class = redis.connection_pool.connection_class
+    send_packed_command = connection_class.send_packed_command
 
-    def counting(*args, **kwargs):
-        sent.append(args[0])
-        return execute(*args, **kwargs)
+    def counting(connection, command, *args, **kwargs):
+        packed = b"".join(command) if isinstance(command, list) else command
+        sent.append(packed.split(b"\r\n")[2].decode())  # *<n> $<length> <command name> ...
+        return send_packed_command(connection, command, *args, **kwargs)
 
-    monkeypatch.setattr(redis, "execute_command", counting)
     client = app.test_client()
     try:
+        # The first request opens the pooled connection (its handshake is not a round trip per request).
+        assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
+        # Every command this process sends to Redis from here, whichever client or pool sends it.
+        monkeypatch.setattr(connection_class, "send_packed_command", counting)
         responses = [client.get(collection_url) for _ in range(3)]
-        assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["4", "3", "2"]
+        assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["3", "2", "1"]
         now = time.time()
         assert all(now < int(r.headers["X-RateLimit-Reset"]) <= now + 61 for r in responses)
         assert sent == ["EVALSHA"] * 3
