@@ -600,6 +600,15 @@ def progress(name: str, value):
     return value
 
 
+def warm_up(project: str, barrier) -> None:
+    """Import what a writer needs, then wait until every process of the pool has."""
+    sys.path.insert(0, project)
+    import common_utils.outbox.relay  # noqa: F401
+    import sqlalchemy  # noqa: F401
+
+    barrier.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", required=True)
