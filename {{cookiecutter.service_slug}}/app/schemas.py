@@ -42,12 +42,43 @@ class Money(fields.Decimal):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+#: What Text publishes: no NUL character. (Lone surrogates are refused too; JSON Schema
+#: strings cannot hold them, so no client that follows the document sends one.)
+TEXT_PATTERN = r"^[^\u0000]*$"
+SURROGATES = re.compile(r"[\ud800-\udfff]")
+
+
+class Text(fields.String):
+    """Text any database can store: no NUL character and no lone surrogate.
+
+    JSON can carry both (as \\u escapes), but PostgreSQL's text refuses
+    NUL and no database can encode a lone surrogate as UTF-8: without this
+    check they reach the database and fail there as a 500. They are refused
+    here as a 422 naming the field, on every database, so the API's contract
+    does not depend on the one behind it.
+    """
+
+    default_error_messages = {
+        "unstorable": "Not valid text: it contains the NUL character or a lone surrogate.",
+    }
+
+    def __init__(self, **kwargs):
+        metadata = {"pattern": TEXT_PATTERN, **kwargs.pop("metadata", {})}
+        super().__init__(metadata=metadata, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text or SURROGATES.search(text):
+            raise self.make_error("unstorable")
+        return text
+
+
 class {{ cookiecutter.__resource_class }}Schema(Schema):
     """A {{ cookiecutter.resource_name.replace('_', ' ') }} as the API shows it and accepts it."""
 
     id = fields.Integer(dump_only=True)
-    name = fields.String(required=True, validate=validate.Length(min=1, max=120))
-    description = fields.String(allow_none=True, validate=validate.Length(max=10_000))
+    name = Text(required=True, validate=validate.Length(min=1, max=120))
+    description = Text(allow_none=True, validate=validate.Length(max=10_000))
     quantity = fields.Integer(
         required=True, strict=True, validate=validate.Range(min=0, max=1_000_000_000)
     )

@@ -102,6 +102,19 @@ def test_money_the_contract_forbids_is_422_and_nothing_changes(client, collectio
     assert client.get(collection_url).get_json()["total"] == 1
 
 
+@pytest.mark.parametrize("field", ["name", "description"])
+@pytest.mark.parametrize("text", ["a\x00b", "a\ud800", "\udfff"], ids=["nul", "lone-high-surrogate", "lone-low-surrogate"])
+def test_text_no_database_can_store_is_422_not_500(client, collection_url, new_item, field, text):
+    """NUL (PostgreSQL's text refuses it) and lone surrogates (not UTF-8) are refused naming the field, on every database."""
+    error = error_of(client.post(collection_url, json={**new_item, field: text}), 422, "validation_error")
+    assert list(error["details"]["json"]) == [field]
+    created = client.post(collection_url, json=new_item).get_json()
+    item_url = f"{collection_url}/{created['id']}"
+    error_of(client.patch(item_url, json={field: text}), 422, "validation_error")
+    error_of(client.put(item_url, json={**new_item, field: text}), 422, "validation_error")
+    assert client.get(item_url).get_json() == created
+
+
 def test_json_that_is_not_an_object_is_422(client, collection_url):
     """A JSON list or string where an object is expected is a validation error."""
     error_of(client.post(collection_url, json=["a"]), 422, "validation_error")
