@@ -1,4 +1,4 @@
-"""Helpers shared by the outbox tests: writing event streams and recording what was published."""
+"""Helpers shared by the outbox tests: writing event streams, recording what was published, starting relays."""
 
 from __future__ import annotations
 

@@ -49,6 +49,7 @@ def record(aggregate_id, payload, event):
 """
 
 def relay_launcher(folder, log, database_url) -> Launcher:
+    """Relays of RELAY_APP, short leases and polls so that restarts go on at once."""
     env = subprocess_env(
         database_url,
         DELIVERY_LOG=str(log),
