@@ -1,8 +1,10 @@
-"""Helpers shared by the outbox tests: writing event streams and recording what was published."""
+"""Helpers shared by the outbox tests: writing event streams, recording what was published, starting relays."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -159,3 +161,99 @@ def create_item(app, client, collection_url, new_item) -> int:
     response = client.post(collection_url, json=new_item)
     assert response.status_code == 201, response.get_json()
     return response.get_json()["id"]
+
+
+# Answers commands on stdin, one line each: "start" forks a relay and
+# answers its pid; "poll PID" answers "running" or its exit status, "wait
+# PID" waits for it to end and answers its exit status (-N: killed by signal N).
+LAUNCHER = """
+import importlib, os, sys
+from flask.cli import cli
+
+# The service (FLASK_APP), imported once for every relay.
+importlib.import_module(os.environ["FLASK_APP"].removesuffix(".py"))
+
+ended = {}
+
+def status(pid, block):
+    if pid not in ended:
+        done, code = os.waitpid(pid, 0 if block else os.WNOHANG)
+        if not done:
+            return "running"
+        ended[pid] = os.waitstatus_to_exitcode(code)
+    return ended[pid]
+
+for line in sys.stdin:
+    command, *argument = line.split()
+    if command == "start":
+        answer = os.fork()
+        if answer == 0:  # the relay: its output goes to stderr, the answers' pipe is the launcher's
+            os.dup2(2, 1)
+            try:
+                cli.main(["outbox", "relay"], prog_name="flask")
+            except SystemExit as end:
+                os._exit(end.code if isinstance(end.code, int) else 1)
+            os._exit(0)
+    else:
+        answer = status(int(argument[0]), block=command == "wait")
+    print(answer, flush=True)
+"""
+
+
+class Launcher:
+    """Starts `flask outbox relay` processes, each forked from one that imported the service.
+
+    Importing the service is what takes time (seconds of CPU), not relaying:
+    the launcher imports it once, as gunicorn's --preload does, so starting
+    or restarting a relay costs a fork. In the child, Flask's CLI runs the
+    command as `flask` would. `env` is the relays' environment (see
+    `subprocess_env`); `relay_app`, if given, is the source of the module
+    they run instead of main.py (the service's app plus what the test records).
+    """
+
+    def __init__(self, folder: Path, env: dict[str, str], relay_app: str | None = None):
+        (folder / "launcher.py").write_text(LAUNCHER)
+        env = {**env, "PYTHONPATH": f"{PROJECT}{os.pathsep}{folder}"}
+        if relay_app is not None:
+            (folder / "relay_app.py").write_text(relay_app)
+            env["FLASK_APP"] = "relay_app"
+        self.process = subprocess.Popen(
+            [PYTHON, str(folder / "launcher.py")],
+            cwd=PROJECT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.relays: list[int] = []
+
+    def ask(self, command: str) -> str:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline().strip()
+        assert answer, f"the launcher exited with {self.process.wait(10)}"
+        return answer
+
+    def start(self) -> int:
+        pid = int(self.ask("start"))
+        self.relays.append(pid)
+        return pid
+
+    def poll(self, pid: int) -> int | None:
+        answer = self.ask(f"poll {pid}")
+        return None if answer == "running" else int(answer)
+
+    def stop(self, pid: int, signum: int) -> int:
+        """Send `signum` to the relay and wait until it has ended; its exit status."""
+        os.kill(pid, signum)
+        return int(self.ask(f"wait {pid}"))
+
+    def close(self) -> None:
+        """No relay outlives the test, whatever failed."""
+        for pid in self.relays:
+            if self.process.poll() is None and self.poll(pid) is None:
+                self.stop(pid, signal.SIGKILL)
+        self.process.kill()  # nothing of its own to finish: skip the interpreter's shutdown
+        self.process.wait(10)
+        self.process.stdin.close()
+        self.process.stdout.close()

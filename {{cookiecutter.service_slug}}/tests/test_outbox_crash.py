@@ -16,9 +16,7 @@ would. Restarts then cost a fork, and the test waits only on conditions.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 from collections import Counter, defaultdict
 
 import pytest
@@ -26,7 +24,7 @@ import pytest
 from app.extensions import db
 from common_utils.outbox import OutboxEvent, event_values
 from common_utils.outbox.relay import check_relays
-from tests.outbox_support import PROJECT, PYTHON, count_pending, subprocess_env, wait_until
+from tests.outbox_support import Launcher, count_pending, subprocess_env, wait_until
 
 # More aggregates than a killed relay's batches in flight can hold (BATCH *
 # WORKERS keys at most), so the next relay goes on with the others at once
@@ -50,99 +48,19 @@ def record(aggregate_id, payload, event):
     time.sleep(0.001)  # slow enough that a kill lands inside a batch
 """
 
-# Answers commands on stdin, one line each: "start" forks a relay and
-# answers its pid; "poll PID" answers "running" or its exit status, "wait
-# PID" waits for it to end and answers its exit status (-N: killed by signal N).
-LAUNCHER = """
-import os, sys
-import relay_app  # noqa: F401 - the service, imported once for every relay
-from flask.cli import cli
-
-ended = {}
-
-def status(pid, block):
-    if pid not in ended:
-        done, code = os.waitpid(pid, 0 if block else os.WNOHANG)
-        if not done:
-            return "running"
-        ended[pid] = os.waitstatus_to_exitcode(code)
-    return ended[pid]
-
-for line in sys.stdin:
-    command, *argument = line.split()
-    if command == "start":
-        answer = os.fork()
-        if answer == 0:  # the relay: its output goes to stderr, the answers' pipe is the launcher's
-            os.dup2(2, 1)
-            try:
-                cli.main(["outbox", "relay"], prog_name="flask")
-            except SystemExit as end:
-                os._exit(end.code if isinstance(end.code, int) else 1)
-            os._exit(0)
-    else:
-        answer = status(int(argument[0]), block=command == "wait")
-    print(answer, flush=True)
-"""
-
-
-class Launcher:
-    """Starts `flask outbox relay` processes, each forked from one that imported the service."""
-
-    def __init__(self, folder, log, database_url):
-        (folder / "relay_app.py").write_text(RELAY_APP)
-        (folder / "launcher.py").write_text(LAUNCHER)
-        env = subprocess_env(
-            database_url,
-            PYTHONPATH=f"{PROJECT}{os.pathsep}{folder}",
-            FLASK_APP="relay_app",
-            DELIVERY_LOG=str(log),
-            OUTBOX_TRANSPORT="in_process",
-            OUTBOX_BATCH_SIZE=str(BATCH),
-            OUTBOX_RELAY_WORKERS=str(WORKERS),
-            OUTBOX_LEASE_SECONDS="1",
-            OUTBOX_MIN_POLL_INTERVAL="0.01",
-            OUTBOX_PROCESSING_INTERVAL="0.05",
-        )
-        self.process = subprocess.Popen(
-            [PYTHON, str(folder / "launcher.py")],
-            cwd=PROJECT,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.relays: list[int] = []
-
-    def ask(self, command: str) -> str:
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-        answer = self.process.stdout.readline().strip()
-        assert answer, f"the launcher exited with {self.process.wait(10)}"
-        return answer
-
-    def start(self) -> int:
-        pid = int(self.ask("start"))
-        self.relays.append(pid)
-        return pid
-
-    def poll(self, pid: int) -> int | None:
-        answer = self.ask(f"poll {pid}")
-        return None if answer == "running" else int(answer)
-
-    def stop(self, pid: int, signum: int) -> int:
-        """Send `signum` to the relay and wait until it has ended; its exit status."""
-        os.kill(pid, signum)
-        return int(self.ask(f"wait {pid}"))
-
-    def close(self) -> None:
-        """No relay outlives the test, whatever failed."""
-        for pid in self.relays:
-            if self.process.poll() is None and self.poll(pid) is None:
-                self.stop(pid, signal.SIGKILL)
-        self.process.kill()  # nothing of its own to finish: skip the interpreter's shutdown
-        self.process.wait(10)
-        self.process.stdin.close()
-        self.process.stdout.close()
+def relay_launcher(folder, log, database_url) -> Launcher:
+    """Relays of RELAY_APP, short leases and polls so that restarts go on at once."""
+    env = subprocess_env(
+        database_url,
+        DELIVERY_LOG=str(log),
+        OUTBOX_TRANSPORT="in_process",
+        OUTBOX_BATCH_SIZE=str(BATCH),
+        OUTBOX_RELAY_WORKERS=str(WORKERS),
+        OUTBOX_LEASE_SECONDS="1",
+        OUTBOX_MIN_POLL_INTERVAL="0.01",
+        OUTBOX_PROCESSING_INTERVAL="0.05",
+    )
+    return Launcher(folder, env, relay_app=RELAY_APP)
 
 
 def deliveries(log) -> list[tuple[str, str, int]]:
@@ -165,7 +83,7 @@ def delivered_while_running(launcher: Launcher, relay: int, log, at_least: int) 
 def test_the_relay_command_killed_mid_stream_loses_nothing_and_keeps_order(app, make_app, database_url, tmp_path):
     """SIGKILL `flask outbox relay` twice mid-stream, restart it: all delivered, in order per aggregate."""
     log = tmp_path / "delivered.log"
-    launcher = Launcher(tmp_path, log, database_url)  # imports the service while the events are written
+    launcher = relay_launcher(tmp_path, log, database_url)  # imports the service while the events are written
     kills = []
     try:
         writer = make_app(OUTBOX_RELAY_STALE_AFTER=0.5)
