@@ -17,6 +17,8 @@ from flask import Flask, g, has_request_context, request
 from common_utils.json_logging import configure_json_logging
 
 REQUEST_ID_HEADER = "X-Request-ID"
+#: The same header as WSGI names it, read straight from the environ on every request.
+REQUEST_ID_ENVIRON = "HTTP_" + REQUEST_ID_HEADER.upper().replace("-", "_")
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 access_logger = logging.getLogger("access")
 
@@ -35,7 +37,7 @@ def configure_logging(level: str | int = "INFO") -> None:
 
 
 def start_request() -> None:
-    incoming = request.environ.get("HTTP_X_REQUEST_ID", "")  # the X-Request-ID header
+    incoming = request.environ.get(REQUEST_ID_ENVIRON, "")
     g.request_id = incoming if VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
     g.request_started = time.perf_counter()
 
