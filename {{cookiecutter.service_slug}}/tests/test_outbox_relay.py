@@ -103,6 +103,53 @@ def test_a_blocked_key_does_not_stall_the_other_keys(relay_app):
     assert sorted(delivered) == sorted(f"free-{index}" for index in range(50))
     assert list(statuses(relay_app).values()).count(PENDING) == 600
 
+{%- if cookiecutter.database != "sqlite" %}
+
+
+# -- a trickle needs one loop, a backlog gets them all -------------------------------------
+
+
+def test_a_trickle_is_relayed_by_the_first_loop_alone(relay_app):
+    """Each commit wakes one loop of two: two loops woken for one event only contend for it."""
+    handled_by = []
+    with registered_handler("test.happened", lambda aggregate_id, payload, event: handled_by.append(
+        threading.current_thread().name
+    )):
+        relay, thread = run_relay(relay_app, workers=2)
+        try:
+            for index in range(30):
+                write(relay_app, [(f"trickle-{index}", 0)])
+                wait_until(lambda count=index + 1: len(handled_by) == count, timeout=10, what=f"event {index}")
+        finally:
+            stop_relay(relay, thread)
+    assert set(handled_by) == {thread.name}
+
+
+def test_a_full_batch_brings_the_other_loops_in(app, make_app):
+    """With a backlog, a second loop claims a batch while the first is still publishing its own."""
+    helper_handled = threading.Event()
+    first_loop_events, waited = [], []
+
+    def handler(aggregate_id, payload, event):
+        if threading.current_thread().name != relay_thread.name:
+            helper_handled.set()
+            return
+        first_loop_events.append(aggregate_id)
+        if len(first_loop_events) == 11:  # the first event of its second batch: held until a helper publishes
+            waited.append(helper_handled.wait(10))
+
+    with outbox_app_with(make_app, OUTBOX_TRANSPORT="in_process", OUTBOX_BATCH_SIZE=10) as built:
+        ids = write(built, [(f"backlog-{index}", 0) for index in range(60)])
+        with registered_handler("test.happened", handler):
+            relay, relay_thread = run_relay(built, workers=2)
+            try:
+                wait_until(lambda: set(statuses(built).values()) == {PROCESSED}, timeout=30, what="the backlog")
+            finally:
+                stop_relay(relay, relay_thread)
+        assert set(statuses(built)) == set(ids)
+    assert waited == [True]
+{%- endif %}
+
 
 # -- item 8: a dead letter parks its key ------------------------------------------------
 

@@ -355,9 +355,15 @@ class Relay:
     """The relay loop: batches while there is work, waits for a wake-up or a poll when idle.
 
     It runs OUTBOX_RELAY_WORKERS loops (threads, one database connection
-    each; one on SQLite) sharing the transport, so one batch is claimed
-    while the previous one is being published. They coordinate like
-    separate relays: leases and the order guard.
+    each; one on SQLite) sharing the transport. The first loop answers
+    wake-ups and polls; the others wait until a loop claims a full batch
+    (a backlog), then claim beside it, so one batch is claimed while the
+    previous one is being published, and go back to waiting when their
+    batch is not full. At a trickle one loop is enough, and two woken for
+    every commit only fought over the interpreter lock: a loop holding its
+    claim's row locks waited for the other to finish encoding a batch, and
+    commit-to-confirm at 1,000 events/s had a p99 near a second. The loops
+    coordinate like separate relays: leases and the order guard.
     """
 
     def __init__(self, state: OutboxState, workers: int | None = None):
@@ -369,13 +375,17 @@ class Relay:
         self.wake_ups = [threading.Event() for _ in range(self.workers)]
 
     def wake(self, url=None) -> None:
+        """Events were committed: wake the first loop (the others join if it finds a backlog)."""
         if url is None or url == self.url:
-            for event in self.wake_ups:
-                event.set()
+            self.wake_ups[0].set()
+
+    def wake_all(self) -> None:
+        for event in self.wake_ups:
+            event.set()
 
     def stop(self) -> None:
         self.stopping.set()
-        self.wake()
+        self.wake_all()
 
     def run(self, *, once: bool = False) -> int:
         """Relay until stopped (or, with `once`, until nothing is due); the number processed."""
@@ -431,6 +441,9 @@ class Relay:
         last_beat = float("-inf")
         next_cleanup = time.monotonic() + min(5.0, settings.cleanup_interval)
         next_stats = 0.0
+        helper = index > 0 and not once
+        if helper:
+            self._wait_for_backlog(wake_up, heartbeat, beat_every)
         while not self.stopping.is_set():
             wake_up.clear()
             if self.heartbeat_file is not None:
@@ -469,15 +482,27 @@ class Relay:
             failure_wait = 0.0
             if outcome.claimed >= settings.batch_size and outcome.processed:
                 idle_wait = settings.min_interval
-                continue  # a full batch: more is waiting
+                self.wake_all()  # a full batch: more is waiting, for every loop
+                continue
             if once and outcome.processed == 0:
                 break
             if outcome.processed:
                 idle_wait = settings.min_interval
             else:
                 idle_wait = min(settings.interval, idle_wait * 2)
-            wake_up.wait(idle_wait)
+            if helper:
+                self._wait_for_backlog(wake_up, heartbeat, beat_every)
+            else:
+                wake_up.wait(idle_wait)
         return total
+
+    def _wait_for_backlog(self, wake_up: threading.Event, heartbeat: Heartbeat, beat_every: float) -> None:
+        """A helper loop between backlogs: wait for a full batch's wake-up, beating so health sees it alive."""
+        while not self.stopping.is_set():
+            with contextlib.suppress(SQLAlchemyError):  # the first loop reports a database that is down
+                heartbeat.beat()
+            if wake_up.wait(beat_every):
+                return
 
 
 @contextlib.contextmanager
