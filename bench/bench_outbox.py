@@ -66,14 +66,17 @@ def render(output: Path) -> Path:
     return project
 
 
-def write_events(project: str, environ: dict, rate: float, seconds: float, start_at: float) -> dict[str, float]:
+def write_events(project: str, environ: dict, rate: float, seconds: float, offset: float, barrier) -> dict[str, float]:
     """A writer process: one event per transaction at `rate`/s; {event id: commit time}.
 
     It issues what the service's session hooks issue (the event row, then
     after the commit a wake-up: the debounced NOTIFY of common_utils.outbox)
     through a bare SQLAlchemy engine: the Flask app's per-request overhead
     would only compete with the relay for this machine's cores without
-    changing the commit-to-confirm interval.
+    changing the commit-to-confirm interval. One event before the clock
+    starts connects, compiles the INSERT and starts the notifier; then all
+    writers start together, each `offset` s into its schedule, so the run
+    does not open with the burst of writers catching up on a late start.
     """
     os.environ.update(environ)
     sys.path.insert(0, project)
@@ -86,17 +89,24 @@ def write_events(project: str, environ: dict, rate: float, seconds: float, start
     notifier = notifier_for(engine.url, float(environ.get("OUTBOX_NOTIFY_INTERVAL", "0.02")))
     insert = OutboxEvent.__table__.insert()
     committed = {}
-    next_at = start_at
+
+    def commit_one(index: int) -> str:
+        values = event_values("bench.happened", "bench", f"{os.getpid()}-{index % 50}", {"index": index})
+        with connection.begin():
+            connection.execute(insert, values)
+        notifier.wake(engine.url)
+        return values["id"]
+
     with engine.connect() as connection:
+        commit_one(-1)
+        barrier.wait()
+        next_at = time.monotonic() + 0.5 + offset  # the warm-up events are relayed meanwhile
         for index in range(int(rate * seconds)):
             delay = next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            values = event_values("bench.happened", "bench", f"{os.getpid()}-{index % 50}", {"index": index})
-            with connection.begin():
-                connection.execute(insert, values)
-            committed[values["id"]] = time.monotonic()
-            notifier.wake(engine.url)
+            event_id = commit_one(index)
+            committed[event_id] = time.monotonic()
             next_at += 1 / rate
     time.sleep(0.2)  # the notifier thread sends the last wake-up
     engine.dispose()
@@ -375,14 +385,15 @@ class Bench:
             barrier = manager.Barrier(writers)  # every writer process started and imported: none starts late
             for _ in pool.map(warm_up, [self.project] * writers, [barrier] * writers):
                 pass
-            start_at = time.monotonic() + 0.5
+            start = manager.Barrier(writers)  # and connected, with its first event written
             futures = [
-                pool.submit(write_events, self.project, dict(os.environ), rate / writers, seconds, start_at + index / rate)
+                pool.submit(write_events, self.project, dict(os.environ), rate / writers, seconds, index / rate, start)
                 for index in range(writers)
             ]
             committed = {}
             for future in futures:
                 committed.update(future.result())
+        start_at = min(committed.values())
         offered_for = max(committed.values()) - start_at
         deadline = time.monotonic() + 30
         while len(confirmed) < len(committed) and time.monotonic() < deadline:

@@ -23,18 +23,20 @@ from common_utils.outbox import PENDING, OutboxEvent
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def write_streams(app, aggregates: int, per_aggregate: int, *, writers: int = 1, per_transaction: int = 10) -> list[str]:
+def write_streams(
+    app, aggregates: int, per_aggregate: int, *, writers: int = 1, per_transaction: int = 10, first_seq: int = 0
+) -> list[str]:
     """Write `per_aggregate` events for each of `aggregates` aggregates, from `writers` threads.
 
     Each writer owns some aggregates and commits their events in rounds, so
-    every aggregate's events are committed in sequence order (payload "seq").
-    Returns the ids of the aggregates.
+    every aggregate's events are committed in sequence order (payload "seq",
+    from `first_seq`). Returns the ids of the aggregates.
     """
     names = [f"agg-{index:04d}" for index in range(aggregates)]
 
     def write(owned: list[str]) -> None:
         with app.app_context():
-            for seq in range(per_aggregate):
+            for seq in range(first_seq, first_seq + per_aggregate):
                 for start in range(0, len(owned), per_transaction):
                     for aggregate_id in owned[start : start + per_transaction]:
                         OutboxEvent.create_event(
