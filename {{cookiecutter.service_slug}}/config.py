@@ -210,7 +210,7 @@ class Config:
         # At most one NOTIFY per interval per process, sent outside the writers' transactions.
         self.OUTBOX_NOTIFY_INTERVAL = env.float("OUTBOX_NOTIFY_INTERVAL", 0.02)
         self.OUTBOX_BATCH_SIZE = env.int("OUTBOX_BATCH_SIZE", 500)
-        # Batches in flight per relay (one claims while another publishes); 1 on SQLite.
+        # Batches in flight per relay during a backlog (one claims while another publishes); 1 on SQLite.
         self.OUTBOX_RELAY_WORKERS = env.int("OUTBOX_RELAY_WORKERS", 2)
         # A claimed batch is the relay's for this long (database clock); publishing
         # must end within it, or another relay publishes the batch again.
