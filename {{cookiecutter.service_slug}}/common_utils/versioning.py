@@ -113,11 +113,17 @@ class VersionedAPI:
             version: Deprecation.parse(version, value)
             for version, value in app.config.get("DEPRECATED_API_VERSIONS", {}).items()
         }
-        app.extensions[EXTENSION_KEY] = VersioningState(
+        state = VersioningState(
             api=api, latest=app.config["LATEST_API_VERSION"], deprecations=deprecations
         )
+        app.extensions[EXTENSION_KEY] = state
         app.before_request(self._route_unversioned_or_unknown)
-        app.after_request(self._add_version_headers)
+
+        def add_version_headers(response):
+            # This app's state, bound here: looking it up through current_app costs every response.
+            return self._add_version_headers(response, state)
+
+        app.after_request(add_version_headers)
 
     @staticmethod
     def state(app: Flask | None = None) -> VersioningState:
@@ -162,12 +168,12 @@ class VersionedAPI:
         query = request.query_string.decode("latin-1")
         return redirect(request.script_root + target + (f"?{query}" if query else ""), code=308)
 
-    def _add_version_headers(self, response):
-        state = self.state()
+    def _add_version_headers(self, response, state: VersioningState):
         version = state.versions.get(request.blueprint or "")
         if version is None:
             return response
-        response.headers[VERSION_HEADER] = version
+        # Only this hook writes API-Version: add it, without searching the headers for an old one.
+        response.headers.add(VERSION_HEADER, version)
         deprecation = state.deprecations.get(version)
         if deprecation is not None:
             since = Deprecation.http_date(deprecation.since)
