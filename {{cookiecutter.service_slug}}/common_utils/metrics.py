@@ -142,7 +142,7 @@ def record_requests(app: Flask, exporter: PrometheusMetrics, service: str) -> No
         )
 
     def start() -> None:
-        request.prom_start_time = default_timer()
+        request._get_current_object().prom_start_time = default_timer()  # one context lookup, not a proxied setattr
 
     def record(response):
         req = request._get_current_object()

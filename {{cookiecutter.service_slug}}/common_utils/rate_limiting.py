@@ -117,13 +117,19 @@ class OneTripRedisStorage(RedisStorage):
     def initialize_storage(self, uri: str) -> None:
         super().initialize_storage(uri)
         self.lua_incr_expire_ttl = self.get_connection().register_script(INCR_EXPIRE_TTL)
-        # EVALSHA <sha> 1 <key> <expiry> <amount> in RESP, packed once up to the key.
+        # EVALSHA <sha> 1 <key> <expiry> <amount> in RESP, packed once up to the key;
+        # <expiry> <amount> packed once per pair (a route's limits have one or two).
         self._evalsha = b"*6\r\n" + bulk_strings("EVALSHA", self.lua_incr_expire_ttl.sha, 1)
+        self._packed_arguments: dict[tuple[int, int], bytes] = {}
 
     def hit_window(self, key: str, expiry: int, amount: int = 1) -> tuple[int, float]:
         """Count `amount` on `key`: (the window's count, when it expires as a timestamp)."""
         key = self.prefixed_key(key)
-        command = [self._evalsha + bulk_strings(key, expiry, amount)]
+        arguments = self._packed_arguments.get((expiry, amount))
+        if arguments is None:
+            arguments = self._packed_arguments[expiry, amount] = bulk_strings(expiry, amount)
+        packed_key = key.encode()
+        command = [b"%s$%d\r\n%s\r\n%s" % (self._evalsha, len(packed_key), packed_key, arguments)]
         kept = getattr(self._per_thread, "connection", None)
         if kept is not None:
             try:
