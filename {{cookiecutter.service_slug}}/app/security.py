@@ -43,7 +43,9 @@ CORS_EXPOSED_HEADERS = [
 
 
 #: SECURITY_HEADERS with each name lowercased once, for the check against a response's own.
-_SECURITY_HEADERS_BY_KEY = tuple((name.lower(), name, value) for name, value in SECURITY_HEADERS.items())
+_SECURITY_HEADERS_BY_KEY = tuple(
+    (name.lower(), name, value) for name, value in SECURITY_HEADERS.items()
+)
 
 
 def add_security_headers(response: Response) -> Response:

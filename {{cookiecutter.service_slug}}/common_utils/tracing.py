@@ -591,7 +591,9 @@ class SqlSpans:
         words = statement.split(None, 1)
         name = words[0] + self.suffix if words else self.fallback_name
         attributes = {**self.engine_attributes, "db.statement": statement, "db.operation": name}
-        return self.tracer.start_span(name, context=context, kind=SpanKind.CLIENT, attributes=attributes)
+        return self.tracer.start_span(
+            name, context=context, kind=SpanKind.CLIENT, attributes=attributes
+        )
 
 
 def instrumentation_suppressed(context: otel_context.Context) -> bool:
@@ -665,7 +667,8 @@ class TraceContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         context = trace.get_current_span(otel_context.get_current()).get_span_context()
         if context.is_valid:
-            record.trace_id = f"{context.trace_id:032x}"  # format_trace_id and format_span_id, inline
+            # What format_trace_id and format_span_id return, without their calls.
+            record.trace_id = f"{context.trace_id:032x}"
             record.span_id = f"{context.span_id:016x}"
         else:
             record.trace_id = record.span_id = None

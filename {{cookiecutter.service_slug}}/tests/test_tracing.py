@@ -296,7 +296,8 @@ def test_resource_hashes_and_compares_as_the_sdks_own(traced):
     assert hash(resource) == hash(same)
     assert resource == same
     assert same == resource
-    assert resource != Resource({**resource.attributes, "service.name": "other"}, resource.schema_url)
+    other = Resource({**resource.attributes, "service.name": "other"}, resource.schema_url)
+    assert resource != other
 
 
 def test_sql_under_suppress_instrumentation_gets_no_span(traced):
@@ -311,7 +312,8 @@ def test_sql_under_suppress_instrumentation_gets_no_span(traced):
         return {}
 
     assert app.test_client().get("/quiet").status_code == 200
-    statements = [sql_statement(span) for span in spans.get_finished_spans() if span.kind == SpanKind.CLIENT]
+    sql = [span for span in spans.get_finished_spans() if span.kind == SpanKind.CLIENT]
+    statements = [sql_statement(span) for span in sql]
     assert "SELECT 2" in statements
     assert "SELECT 1" not in statements
 
