@@ -8,9 +8,11 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 
 from flask import request
 
+from common_utils.rate_limiting import forget_thread_connections
 from tests.conftest import skip_or_fail
 
 LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
@@ -366,6 +368,31 @@ def test_each_thread_counts_on_a_connection_of_its_own(make_app, collection_url)
         assert len({id(connection) for connection in connections}) == 4
         remaining = app.test_client().get(collection_url).headers["X-RateLimit-Remaining"]
         assert remaining == str(100 - 21)
+    finally:
+        redis = storage.get_connection()
+        for key in redis.scan_iter(f"*{prefix}*"):
+            redis.delete(key)
+
+
+def test_a_forked_worker_opens_a_redis_connection_of_its_own(make_app, collection_url):
+    """A child forked from a process that counted (a preloaded gunicorn master) never reuses its parent's socket."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    prefix = f"test-{uuid.uuid4().hex}"
+    app = make_app(
+        RATELIMIT_DEFAULT="5 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix
+    )
+    storage = app.extensions["rate_limiting"].storage
+    client = app.test_client()
+    try:
+        assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
+        inherited = storage._per_thread.connection
+        # What os.register_at_fork runs in the child, called here without forking the test run.
+        forget_thread_connections(weakref.ref(storage))
+        assert getattr(storage._per_thread, "connection", None) is None
+        assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "3"
+        assert storage._per_thread.connection is not inherited
     finally:
         redis = storage.get_connection()
         for key in redis.scan_iter(f"*{prefix}*"):
