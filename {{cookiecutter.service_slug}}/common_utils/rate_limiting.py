@@ -35,8 +35,8 @@ for the headers; the limits of a route do not change between requests, so
 LeanLimiter resolves them once per endpoint and method and then only counts:
 one Redis round trip per limit (the hit, and the window's count and expiry
 for the headers, in one script sent straight on a connection each thread
-keeps) and the three headers. Flask-Limiter's full path still serves what cannot be
-resolved once: views decorated with `limiter.limit(...)`, dynamic limits
+keeps) and the three headers. Flask-Limiter's full path still serves what
+cannot be resolved once: views decorated with `limiter.limit(...)`, dynamic limits
 (a callable instead of a string), `exempt_when`, `deduct_when`, `cost`
 callables, meta limits, and the in-memory fallback while Redis is away.
 Its public API is unchanged: `limiter.limit`, `limiter.shared_limit`,
@@ -97,11 +97,11 @@ class OneTripRedisStorage(RedisStorage):
 
     `hit_window` is LeanLimiter's call: the script runs with EVALSHA on a
     connection this thread keeps for itself (see `_thread_connection`).
-    Flask-Limiter's own path (see
-    the module docstring) reads the count and expiry of a window right
-    after counting a hit on it, for the X-RateLimit-* headers: `incr` keeps
-    the script's answer per thread for that key and `get`/`get_expiry`
-    answer from it once; any other read goes to Redis as before.
+    Flask-Limiter's own path (see the module docstring) reads the count and
+    expiry of a window right after counting a hit on it, for the
+    X-RateLimit-* headers: `incr` keeps the script's answer per thread for
+    that key and `get`/`get_expiry` answer from it once; any other read goes
+    to Redis as before.
     """
 
     STORAGE_SCHEME = [ONE_TRIP_PREFIX + scheme for scheme in ("redis", "rediss", "redis+unix")]
