@@ -349,7 +349,7 @@ class LeanLimiter(Limiter):
 
     def _add_headers(self, response):
         """X-RateLimit-Limit, -Remaining and -Reset on every limited response; Retry-After on a 429."""
-        header = getattr(request, "rate_limit_header", None)
+        header = getattr(request._get_current_object(), "rate_limit_header", None)
         if header is None:
             header = self._header_from_full_path()
             if header is None:
@@ -395,11 +395,16 @@ def redis_options(timeout: float) -> dict:
 
 def client_address() -> str:
     """The rate-limit key: the client's address (after the trusted proxies, see app/security.py)."""
-    return request.remote_addr or "unknown"
+    return request._get_current_object().remote_addr or "unknown"
 
 
 def is_exempt() -> bool:
-    return request.path in EXEMPT_PATHS
+    """Probes and scrapes are never limited.
+
+    Like client_address it runs on every request, so it fetches the request
+    from its context once instead of through the proxy's attribute lookup.
+    """
+    return request._get_current_object().path in EXEMPT_PATHS
 
 
 def too_many_requests(error: RateLimitExceeded):

@@ -142,7 +142,7 @@ class VersionedAPI:
 
     def _route_unversioned_or_unknown(self):
         """Runs before routing errors surface: redirect or explain instead of a bare 404."""
-        error = request.routing_exception
+        error = request._get_current_object().routing_exception  # every request: one lookup
         if not isinstance(error, NotFound) or not request.path.startswith(f"{API_PREFIX}/"):
             return None
         state = self.state()
@@ -169,7 +169,7 @@ class VersionedAPI:
         return redirect(request.script_root + target + (f"?{query}" if query else ""), code=308)
 
     def _add_version_headers(self, response, state: VersioningState):
-        version = state.versions.get(request.blueprint or "")
+        version = state.versions.get(request._get_current_object().blueprint or "")
         if version is None:
             return response
         # Only this hook writes API-Version: add it, without searching the headers for an old one.
