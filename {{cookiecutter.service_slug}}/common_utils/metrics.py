@@ -142,7 +142,8 @@ def record_requests(app: Flask, exporter: PrometheusMetrics, service: str) -> No
         )
 
     def start() -> None:
-        request.prom_start_time = default_timer()
+        # One context lookup, not a setattr through the proxy.
+        request._get_current_object().prom_start_time = default_timer()
 
     def record(response):
         req = request._get_current_object()

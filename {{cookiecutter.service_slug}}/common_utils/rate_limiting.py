@@ -34,9 +34,9 @@ exemptions, methods) on every request, and builds a few objects per limit
 for the headers; the limits of a route do not change between requests, so
 LeanLimiter resolves them once per endpoint and method and then only counts:
 one Redis round trip per limit (the hit, and the window's count and expiry
-for the headers, in one script sent straight on a pooled connection) and
-the three headers. Flask-Limiter's full path still serves what cannot be
-resolved once: views decorated with `limiter.limit(...)`, dynamic limits
+for the headers, in one script sent straight on a connection each thread
+keeps) and the three headers. Flask-Limiter's full path still serves what
+cannot be resolved once: views decorated with `limiter.limit(...)`, dynamic limits
 (a callable instead of a string), `exempt_when`, `deduct_when`, `cost`
 callables, meta limits, and the in-memory fallback while Redis is away.
 Its public API is unchanged: `limiter.limit`, `limiter.shared_limit`,
@@ -46,14 +46,17 @@ Its public API is unchanged: `limiter.limit`, `limiter.shared_limit`,
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
+import weakref
 
 from flask import Flask, current_app, request
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_qualified_name
 from limits.storage import RedisStorage
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
@@ -93,11 +96,12 @@ class OneTripRedisStorage(RedisStorage):
     """limits' Redis storage, counting a hit and reading its window in one round trip.
 
     `hit_window` is LeanLimiter's call: the script runs with EVALSHA on a
-    connection taken straight from the pool. Flask-Limiter's own path (see
-    the module docstring) reads the count and expiry of a window right
-    after counting a hit on it, for the X-RateLimit-* headers: `incr` keeps
-    the script's answer per thread for that key and `get`/`get_expiry`
-    answer from it once; any other read goes to Redis as before.
+    connection this thread keeps for itself (see `_thread_connection`).
+    Flask-Limiter's own path (see the module docstring) reads the count and
+    expiry of a window right after counting a hit on it, for the
+    X-RateLimit-* headers: `incr` keeps the script's answer per thread for
+    that key and `get`/`get_expiry` answer from it once; any other read goes
+    to Redis as before.
     """
 
     STORAGE_SCHEME = [ONE_TRIP_PREFIX + scheme for scheme in ("redis", "rediss", "redis+unix")]
@@ -105,29 +109,62 @@ class OneTripRedisStorage(RedisStorage):
     def __init__(self, uri: str, **options) -> None:
         super().__init__(uri.removeprefix(ONE_TRIP_PREFIX), **options)
         self._after_hit = threading.local()
+        self._per_thread = threading.local()
+        # A forked child (a gunicorn worker of a preloaded app) must not use its parent's sockets.
+        owner = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: forget_thread_connections(owner))
 
     def initialize_storage(self, uri: str) -> None:
         super().initialize_storage(uri)
         self.lua_incr_expire_ttl = self.get_connection().register_script(INCR_EXPIRE_TTL)
-        # EVALSHA <sha> 1 <key> <expiry> <amount> in RESP, packed once up to the key.
+        # EVALSHA <sha> 1 <key> <expiry> <amount> in RESP, packed once up to the key;
+        # <expiry> <amount> packed once per pair (a route's limits have one or two).
         self._evalsha = b"*6\r\n" + bulk_strings("EVALSHA", self.lua_incr_expire_ttl.sha, 1)
+        self._packed_arguments: dict[tuple[int, int], bytes] = {}
 
     def hit_window(self, key: str, expiry: int, amount: int = 1) -> tuple[int, float]:
         """Count `amount` on `key`: (the window's count, when it expires as a timestamp)."""
         key = self.prefixed_key(key)
+        arguments = self._packed_arguments.get((expiry, amount))
+        if arguments is None:
+            arguments = self._packed_arguments[expiry, amount] = bulk_strings(expiry, amount)
+        packed_key = key.encode()
+        command = [b"%s$%d\r\n%s\r\n%s" % (self._evalsha, len(packed_key), packed_key, arguments)]
+        kept = getattr(self._per_thread, "connection", None)
+        if kept is not None:
+            try:
+                count, ttl = self._run(kept, command, key, expiry, amount)
+                return int(count), max(int(ttl), 0) + time.time()
+            except RedisConnectionError:
+                # Redis closed this idle connection (its `timeout` setting, a restart):
+                # the pool would have found that out before sending, so once more on a
+                # new connection. A hung Redis raises TimeoutError, which is not retried.
+                pass
+        connection = self._per_thread.connection = self._thread_connection()
+        count, ttl = self._run(connection, command, key, expiry, amount)
+        return int(count), max(int(ttl), 0) + time.time()
+
+    def _thread_connection(self):
+        """A connection of this thread's own, with the pool's settings (timeouts, parser, auth, db).
+
+        Taking one from the pool and giving it back costs about seventy Python
+        calls a request in redis-py (locking, a stale-data check, connection
+        metrics); a gunicorn worker's few threads can each keep their own. It
+        goes when its thread does (AbstractConnection.__del__ disconnects).
+        """
         pool = self.storage.connection_pool
-        connection = pool.get_connection()
+        return pool.connection_class(**pool.connection_kwargs)
+
+    def _run(self, connection, command: list[bytes], key: str, expiry: int, amount: int):
         try:
-            connection.send_packed_command([self._evalsha + bulk_strings(key, expiry, amount)])
-            count, ttl = connection.read_response()
+            connection.send_packed_command(command)
+            return connection.read_response()
         except NoScriptError:  # Redis restarted or SCRIPT FLUSH: redis-py loads it again
-            count, ttl = self.lua_incr_expire_ttl([key], [expiry, amount])
+            return self.lua_incr_expire_ttl([key], [expiry, amount])
         except BaseException:
             connection.disconnect()  # a reply may still be on its way: never reuse it
+            self._per_thread.connection = None
             raise
-        finally:
-            pool.release(connection)
-        return int(count), max(int(ttl), 0) + time.time()
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         count, ttl = self.lua_incr_expire_ttl([self.prefixed_key(key)], [expiry, amount])
@@ -151,6 +188,13 @@ class OneTripRedisStorage(RedisStorage):
     def get_expiry(self, key: str) -> float:
         expires_at = self._from_last_hit(key, "expiry")
         return super().get_expiry(key) if expires_at is None else expires_at
+
+
+def forget_thread_connections(owner: weakref.ref) -> None:
+    """In a forked child: drop the connections inherited from the parent (their sockets are shared)."""
+    storage = owner()
+    if storage is not None:
+        storage._per_thread = threading.local()
 
 
 class LeanLimiter(Limiter):
@@ -183,20 +227,22 @@ class LeanLimiter(Limiter):
     def _check_request_limit(
         self, callable_name: str | None = None, in_middleware: bool = True
     ) -> None:
-        endpoint = request.endpoint
+        req = request._get_current_object()  # once: each `request.x` is a context lookup
+        endpoint = req.endpoint
         if callable_name is not None or not in_middleware:
             return self._full_path_from_view(endpoint, callable_name)
         if self._storage_dead or not endpoint:
             return self._full_path(callable_name, in_middleware)
-        if any(exempt() for exempt in self._request_filters):
-            return None
-        plan = self._plans.get((endpoint, request.method))
+        for exempt in self._request_filters:
+            if exempt():
+                return None
+        plan = self._plans.get((endpoint, req.method))
         if plan is None:
-            plan = self._plans[endpoint, request.method] = self._plan(endpoint)
+            plan = self._plans[endpoint, req.method] = self._plan(endpoint)
         if plan is FULL_PATH:
             return self._full_path(callable_name, in_middleware)
         try:
-            self._count(plan)
+            self._count(plan, req)
         except RateLimitExceeded:
             raise
         except Exception:
@@ -269,7 +315,7 @@ class LeanLimiter(Limiter):
                 plan.append((limit, scope, head, tail))
         return plan
 
-    def _count(self, plan) -> None:
+    def _count(self, plan, req) -> None:
         """Count a hit on each limit of the plan; raise RateLimitExceeded at the first one over."""
         headers = []
         for limit, scope, head, tail in plan:
@@ -289,18 +335,21 @@ class LeanLimiter(Limiter):
                 self.logger.info(
                     "ratelimit %s (%s) exceeded at endpoint: %s", item, identity, scope
                 )
-                request.rate_limit_header = header
+                req.rate_limit_header = header
                 raise RateLimitExceeded(limit)
             headers.append((limit.shared, header))
         if headers:
             # Flask-Limiter's choice: the first limit not shared (plans are sorted), else the first.
-            request.rate_limit_header = next(
-                (header for shared, header in headers if not shared), headers[0][1]
-            )
+            chosen = headers[0][1]
+            for shared, header in headers:
+                if not shared:
+                    chosen = header
+                    break
+            req.rate_limit_header = chosen
 
     def _add_headers(self, response):
         """X-RateLimit-Limit, -Remaining and -Reset on every limited response; Retry-After on a 429."""
-        header = getattr(request, "rate_limit_header", None)
+        header = getattr(request._get_current_object(), "rate_limit_header", None)
         if header is None:
             header = self._header_from_full_path()
             if header is None:
@@ -346,11 +395,16 @@ def redis_options(timeout: float) -> dict:
 
 def client_address() -> str:
     """The rate-limit key: the client's address (after the trusted proxies, see app/security.py)."""
-    return request.remote_addr or "unknown"
+    return request._get_current_object().remote_addr or "unknown"
 
 
 def is_exempt() -> bool:
-    return request.path in EXEMPT_PATHS
+    """Probes and scrapes are never limited.
+
+    Like client_address it runs on every request, so it fetches the request
+    from its context once instead of through the proxy's attribute lookup.
+    """
+    return request._get_current_object().path in EXEMPT_PATHS
 
 
 def too_many_requests(error: RateLimitExceeded):

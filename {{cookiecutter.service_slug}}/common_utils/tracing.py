@@ -76,7 +76,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
+from opentelemetry.instrumentation.utils import (
+    _SUPPRESS_INSTRUMENTATION_KEY as SUPPRESS_INSTRUMENTATION_KEY,
+)
+from opentelemetry.instrumentation.utils import (
+    _SUPPRESS_INSTRUMENTATION_KEY_PLAIN as SUPPRESS_INSTRUMENTATION_KEY_PLAIN,
+)
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
@@ -87,7 +93,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import ParentBased
-from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -175,7 +181,28 @@ def make_resource(config: Mapping[str, Any]) -> Resource:
             "process.pid": os.getpid(),
         }
     )
-    return own.merge(OTELResourceDetector().detect())  # OTEL_SERVICE_NAME etc. win
+    merged = own.merge(OTELResourceDetector().detect())  # OTEL_SERVICE_NAME etc. win
+    return HashOnceResource(merged.attributes, merged.schema_url)
+
+
+class HashOnceResource(Resource):
+    """A Resource that works out its hash once.
+
+    The OTLP encoder groups every span of a batch by its resource, which
+    hashes it each time, and Resource's hash serialises all its attributes
+    to JSON: about a dozen Python calls per span on the export thread for a
+    value that never changes (a resource's attributes are immutable).
+    """
+
+    def __init__(self, attributes, schema_url: str | None = None):
+        super().__init__(attributes, schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or super().__eq__(other)
 
 
 #: The logger the OTLP/HTTP exporter (and its HTTP client) report each failed attempt on.
@@ -548,18 +575,33 @@ class SqlSpans:
         return execute
 
     def start(self, statement: str) -> trace.Span | None:
-        """The statement's span, or None when it gets none (unsampled request, probe, instrumentation off)."""
-        parent = trace.get_current_span().get_span_context()
+        """The statement's span, or None when it gets none (unsampled request, probe, instrumentation off).
+
+        The current context is looked up once and handed to each question
+        (parent span, suppression, the tracer's own parent lookup): each of
+        them would otherwise fetch it again. The attributes go in with the
+        span's start, where the SDK keeps them only if the span records.
+        """
+        context = otel_context.get_current()
+        parent = trace.get_current_span(context).get_span_context()
         if self.skip_unsampled and parent.is_valid and not parent.trace_flags.sampled:
             return None
-        if not is_instrumentation_enabled():
+        if instrumentation_suppressed(context):
             return None
         words = statement.split(None, 1)
         name = words[0] + self.suffix if words else self.fallback_name
-        span = self.tracer.start_span(name, kind=SpanKind.CLIENT)
-        if span.is_recording():
-            span.set_attributes({**self.engine_attributes, "db.statement": statement, "db.operation": name})
-        return span
+        attributes = {**self.engine_attributes, "db.statement": statement, "db.operation": name}
+        return self.tracer.start_span(
+            name, context=context, kind=SpanKind.CLIENT, attributes=attributes
+        )
+
+
+def instrumentation_suppressed(context: otel_context.Context) -> bool:
+    """What `not is_instrumentation_enabled()` answers, asked of a context already in hand."""
+    return bool(
+        otel_context.get_value(SUPPRESS_INSTRUMENTATION_KEY, context)
+        or otel_context.get_value(SUPPRESS_INSTRUMENTATION_KEY_PLAIN, context)
+    )
 
 
 @dataclass(eq=False)  # hashable by identity, for the WeakSet of live states
@@ -623,10 +665,13 @@ class TraceContextFilter(logging.Filter):
     """Adds the current span's trace_id and span_id (null outside a span) to every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        context = trace.get_current_span().get_span_context()
-        valid = context.is_valid
-        record.trace_id = format_trace_id(context.trace_id) if valid else None
-        record.span_id = format_span_id(context.span_id) if valid else None
+        context = trace.get_current_span(otel_context.get_current()).get_span_context()
+        if context.is_valid:
+            # What format_trace_id and format_span_id return, without their calls.
+            record.trace_id = f"{context.trace_id:032x}"
+            record.span_id = f"{context.span_id:016x}"
+        else:
+            record.trace_id = record.span_id = None
         return True
 
 

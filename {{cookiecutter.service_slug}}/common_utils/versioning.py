@@ -113,11 +113,17 @@ class VersionedAPI:
             version: Deprecation.parse(version, value)
             for version, value in app.config.get("DEPRECATED_API_VERSIONS", {}).items()
         }
-        app.extensions[EXTENSION_KEY] = VersioningState(
+        state = VersioningState(
             api=api, latest=app.config["LATEST_API_VERSION"], deprecations=deprecations
         )
+        app.extensions[EXTENSION_KEY] = state
         app.before_request(self._route_unversioned_or_unknown)
-        app.after_request(self._add_version_headers)
+
+        def add_version_headers(response):
+            # This app's state, bound here: looking it up through current_app costs every response.
+            return self._add_version_headers(response, state)
+
+        app.after_request(add_version_headers)
 
     @staticmethod
     def state(app: Flask | None = None) -> VersioningState:
@@ -136,7 +142,7 @@ class VersionedAPI:
 
     def _route_unversioned_or_unknown(self):
         """Runs before routing errors surface: redirect or explain instead of a bare 404."""
-        error = request.routing_exception
+        error = request._get_current_object().routing_exception  # every request: one lookup
         if not isinstance(error, NotFound) or not request.path.startswith(f"{API_PREFIX}/"):
             return None
         state = self.state()
@@ -162,12 +168,12 @@ class VersionedAPI:
         query = request.query_string.decode("latin-1")
         return redirect(request.script_root + target + (f"?{query}" if query else ""), code=308)
 
-    def _add_version_headers(self, response):
-        state = self.state()
-        version = state.versions.get(request.blueprint or "")
+    def _add_version_headers(self, response, state: VersioningState):
+        version = state.versions.get(request._get_current_object().blueprint or "")
         if version is None:
             return response
-        response.headers[VERSION_HEADER] = version
+        # Only this hook writes API-Version: add it, without searching the headers for an old one.
+        response.headers.add(VERSION_HEADER, version)
         deprecation = state.deprecations.get(version)
         if deprecation is not None:
             since = Deprecation.http_date(deprecation.since)

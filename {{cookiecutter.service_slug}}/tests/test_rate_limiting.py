@@ -8,9 +8,11 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 
 from flask import request
 
+from common_utils.rate_limiting import forget_thread_connections
 from tests.conftest import skip_or_fail
 
 LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
@@ -304,5 +306,94 @@ def test_one_redis_round_trip_per_request(make_app, collection_url, monkeypatch)
         assert sent == ["EVALSHA"] * 3
     finally:
         monkeypatch.undo()
+        for key in redis.scan_iter(f"*{prefix}*"):
+            redis.delete(key)
+
+
+def test_a_connection_redis_closed_is_replaced_without_falling_back(
+    make_app, collection_url, caplog
+):
+    """Redis dropping a thread's idle connection (its `timeout`, a restart) costs a reconnect, not the shared counters."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    prefix = f"test-{uuid.uuid4().hex}"
+    app = make_app(
+        RATELIMIT_DEFAULT="5 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix
+    )
+    storage = app.extensions["rate_limiting"].storage
+    redis = storage.get_connection()
+    client = app.test_client()
+    try:
+        assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
+        # This thread's own connection, opened by that request.
+        kept = storage._per_thread.connection
+        kept.send_command("CLIENT", "ID")
+        redis.client_kill_filter(_id=kept.read_response())
+        with caplog.at_level(logging.WARNING):
+            response = client.get(collection_url)
+        assert response.status_code == 200
+        assert response.headers["X-RateLimit-Remaining"] == "3"  # still counted in Redis
+        assert not any("falling back" in record.getMessage() for record in caplog.records)
+        assert storage._per_thread.connection is not kept
+    finally:
+        for key in redis.scan_iter(f"*{prefix}*"):
+            redis.delete(key)
+
+
+def test_each_thread_counts_on_a_connection_of_its_own(make_app, collection_url):
+    """Threads never share a Redis connection (replies would interleave), and their hits add up."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    prefix = f"test-{uuid.uuid4().hex}"
+    app = make_app(
+        RATELIMIT_DEFAULT="100 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix
+    )
+    storage = app.extensions["rate_limiting"].storage
+    connections, statuses = [], []
+
+    def serve() -> None:
+        client = app.test_client()
+        statuses.extend(client.get(collection_url).status_code for _ in range(5))
+        connections.append(storage._per_thread.connection)
+
+    try:
+        threads = [threading.Thread(target=serve) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200] * 20
+        assert len({id(connection) for connection in connections}) == 4
+        remaining = app.test_client().get(collection_url).headers["X-RateLimit-Remaining"]
+        assert remaining == str(100 - 21)
+    finally:
+        redis = storage.get_connection()
+        for key in redis.scan_iter(f"*{prefix}*"):
+            redis.delete(key)
+
+
+def test_a_forked_worker_opens_a_redis_connection_of_its_own(make_app, collection_url):
+    """A child forked from a process that counted (a preloaded gunicorn master) never reuses its parent's socket."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    prefix = f"test-{uuid.uuid4().hex}"
+    app = make_app(
+        RATELIMIT_DEFAULT="5 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix
+    )
+    storage = app.extensions["rate_limiting"].storage
+    client = app.test_client()
+    try:
+        assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
+        inherited = storage._per_thread.connection
+        # What os.register_at_fork runs in the child, called here without forking the test run.
+        forget_thread_connections(weakref.ref(storage))
+        assert getattr(storage._per_thread, "connection", None) is None
+        assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "3"
+        assert storage._per_thread.connection is not inherited
+    finally:
+        redis = storage.get_connection()
         for key in redis.scan_iter(f"*{prefix}*"):
             redis.delete(key)

@@ -78,6 +78,20 @@ def test_security_headers_on_every_response(client, collection_url):
         assert response.headers["Referrer-Policy"] == "no-referrer"
 
 
+def test_a_views_own_security_header_is_kept(make_app):
+    """A header the view set itself, in any case, wins over the default and is not doubled; the rest still come."""
+    app = make_app()
+
+    @app.get("/framed")
+    def framed():
+        return {}, 200, {"x-frame-options": "SAMEORIGIN"}
+
+    response = app.test_client().get("/framed")
+    assert response.headers.getlist("X-Frame-Options") == ["SAMEORIGIN"]
+    assert response.headers.getlist("X-Content-Type-Options") == ["nosniff"]
+    assert response.headers["Cross-Origin-Resource-Policy"] == "same-origin"
+
+
 def test_request_body_size_is_limited(make_app, collection_url):
     """A body over MAX_CONTENT_LENGTH is refused with a JSON 413 before any view reads it."""
     client = make_app(MAX_CONTENT_LENGTH=64).test_client()

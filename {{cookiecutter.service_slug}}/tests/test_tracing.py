@@ -9,6 +9,8 @@ from contextlib import contextmanager
 import pytest
 import requests
 from opentelemetry import propagate
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -284,6 +286,36 @@ def test_resource_describes_the_instance(traced):
     assert len(attributes["service.instance.id"]) == 36
     other, _ = traced()
     assert tracer.provider(other).resource.attributes["service.instance.id"] != attributes["service.instance.id"]
+
+
+def test_resource_hashes_and_compares_as_the_sdks_own(traced):
+    """The resource spans are grouped by on export hashes (once) and compares as the SDK's Resource does."""
+    app, _ = traced()
+    resource = tracer.provider(app).resource
+    same = Resource(resource.attributes, resource.schema_url)
+    assert hash(resource) == hash(same)
+    assert resource == same
+    assert same == resource
+    other = Resource({**resource.attributes, "service.name": "other"}, resource.schema_url)
+    assert resource != other
+
+
+def test_sql_under_suppress_instrumentation_gets_no_span(traced):
+    """A view that suppresses instrumentation around a statement hides that statement, and only that one."""
+    app, spans = traced()
+
+    @app.get("/quiet")
+    def quiet():
+        with suppress_instrumentation():
+            db.session.execute(text("SELECT 1"))
+        db.session.execute(text("SELECT 2"))
+        return {}
+
+    assert app.test_client().get("/quiet").status_code == 200
+    sql = [span for span in spans.get_finished_spans() if span.kind == SpanKind.CLIENT]
+    statements = [sql_statement(span) for span in sql]
+    assert "SELECT 2" in statements
+    assert "SELECT 1" not in statements
 
 
 def test_otel_service_name_wins(traced, monkeypatch):
