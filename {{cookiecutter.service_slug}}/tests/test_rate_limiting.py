@@ -10,6 +10,7 @@ import time
 import uuid
 import weakref
 
+import pytest
 from flask import request
 
 from common_utils.rate_limiting import forget_thread_connections
@@ -22,6 +23,26 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture
+def redis_app(make_app):
+    """Builds apps that count in the test Redis under a key prefix of this test's; its keys go afterwards."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    prefix = f"test-{uuid.uuid4().hex}"
+    built = []
+
+    def build(limit: str):
+        built.append(make_app(RATELIMIT_DEFAULT=limit, RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix))
+        return built[-1]
+
+    yield build
+    if built:
+        redis = built[0].extensions["rate_limiting"].storage.get_connection()
+        for key in redis.scan_iter(f"*{prefix}*"):
+            redis.delete(key)
 
 
 def test_limit_headers_on_normal_responses(make_app, collection_url):
@@ -247,42 +268,22 @@ def test_a_hung_redis_costs_a_bounded_time(make_app, collection_url, caplog, mon
         redis.close()
 
 
-def test_limit_is_shared_across_instances_through_redis(make_app, collection_url):
+def test_limit_is_shared_across_instances_through_redis(redis_app, collection_url):
     """Two app instances on the same Redis share one counter per client, as replicas do in production."""
-    url = os.environ.get("TEST_REDIS_URL")
-    if not url:
-        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
-    prefix = f"test-{uuid.uuid4().hex}"
-    settings = {
-        "RATELIMIT_DEFAULT": "3 per minute",
-        "RATELIMIT_STORAGE_URI": url,
-        "RATELIMIT_KEY_PREFIX": prefix,
-    }
-    first, second = make_app(**settings), make_app(**settings)
-    try:
-        assert first.test_client().get("/health/ready").get_json()["checks"]["rate_limit_storage"][
-            "status"
-        ] == "up", f"Redis at {url} does not answer"
-        one, two = first.test_client(), second.test_client()
-        statuses = [one.get(collection_url).status_code, two.get(collection_url).status_code]
-        statuses += [one.get(collection_url).status_code, two.get(collection_url).status_code]
-        assert statuses == [200, 200, 200, 429]
-        assert two.get(collection_url).headers["X-RateLimit-Remaining"] == "0"
-    finally:
-        storage = first.extensions["rate_limiting"].storage
-        for key in storage.storage.scan_iter(f"*{prefix}*"):
-            storage.storage.delete(key)
+    first, second = redis_app("3 per minute"), redis_app("3 per minute")
+    assert first.test_client().get("/health/ready").get_json()["checks"]["rate_limit_storage"][
+        "status"
+    ] == "up", "the test Redis does not answer"
+    one, two = first.test_client(), second.test_client()
+    statuses = [one.get(collection_url).status_code, two.get(collection_url).status_code]
+    statuses += [one.get(collection_url).status_code, two.get(collection_url).status_code]
+    assert statuses == [200, 200, 200, 429]
+    assert two.get(collection_url).headers["X-RateLimit-Remaining"] == "0"
 
 
-def test_one_redis_round_trip_per_request(make_app, collection_url, monkeypatch):
+def test_one_redis_round_trip_per_request(redis_app, collection_url, monkeypatch):
     """Counting a hit and reading the window for the headers is one Redis command, not three."""
-    url = os.environ.get("TEST_REDIS_URL")
-    if not url:
-        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
-    prefix = f"test-{uuid.uuid4().hex}"
-    app = make_app(
-        RATELIMIT_DEFAULT="5 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix
-    )
+    app = redis_app("5 per minute")
     redis = app.extensions["rate_limiting"].storage.get_connection()
     sent = []
     connection_class = redis.connection_pool.connection_class
@@ -294,62 +295,41 @@ def test_one_redis_round_trip_per_request(make_app, collection_url, monkeypatch)
         return send_packed_command(connection, command, *args, **kwargs)
 
     client = app.test_client()
-    try:
-        # The first request opens the pooled connection (its handshake is not a round trip per request).
-        assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
-        # Every command this process sends to Redis from here, whichever client or pool sends it.
-        monkeypatch.setattr(connection_class, "send_packed_command", counting)
-        responses = [client.get(collection_url) for _ in range(3)]
-        assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["3", "2", "1"]
-        now = time.time()
-        assert all(now < int(r.headers["X-RateLimit-Reset"]) <= now + 61 for r in responses)
-        assert sent == ["EVALSHA"] * 3
-    finally:
-        monkeypatch.undo()
-        for key in redis.scan_iter(f"*{prefix}*"):
-            redis.delete(key)
+    # The first request opens the pooled connection (its handshake is not a round trip per request).
+    assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
+    # Every command this process sends to Redis from here, whichever client or pool sends it.
+    monkeypatch.setattr(connection_class, "send_packed_command", counting)
+    responses = [client.get(collection_url) for _ in range(3)]
+    assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["3", "2", "1"]
+    now = time.time()
+    assert all(now < int(r.headers["X-RateLimit-Reset"]) <= now + 61 for r in responses)
+    assert sent == ["EVALSHA"] * 3
 
 
 def test_a_connection_redis_closed_is_replaced_without_falling_back(
-    make_app, collection_url, caplog
+    redis_app, collection_url, caplog
 ):
     """Redis dropping a thread's idle connection (its `timeout`, a restart) costs a reconnect, not the shared counters."""
-    url = os.environ.get("TEST_REDIS_URL")
-    if not url:
-        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
-    prefix = f"test-{uuid.uuid4().hex}"
-    app = make_app(
-        RATELIMIT_DEFAULT="5 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix
-    )
+    app = redis_app("5 per minute")
     storage = app.extensions["rate_limiting"].storage
     redis = storage.get_connection()
     client = app.test_client()
-    try:
-        assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
-        # This thread's own connection, opened by that request.
-        kept = storage._per_thread.connection
-        kept.send_command("CLIENT", "ID")
-        redis.client_kill_filter(_id=kept.read_response())
-        with caplog.at_level(logging.WARNING):
-            response = client.get(collection_url)
-        assert response.status_code == 200
-        assert response.headers["X-RateLimit-Remaining"] == "3"  # still counted in Redis
-        assert not any("falling back" in record.getMessage() for record in caplog.records)
-        assert storage._per_thread.connection is not kept
-    finally:
-        for key in redis.scan_iter(f"*{prefix}*"):
-            redis.delete(key)
+    assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
+    # This thread's own connection, opened by that request.
+    kept = storage._per_thread.connection
+    kept.send_command("CLIENT", "ID")
+    redis.client_kill_filter(_id=kept.read_response())
+    with caplog.at_level(logging.WARNING):
+        response = client.get(collection_url)
+    assert response.status_code == 200
+    assert response.headers["X-RateLimit-Remaining"] == "3"  # still counted in Redis
+    assert not any("falling back" in record.getMessage() for record in caplog.records)
+    assert storage._per_thread.connection is not kept
 
 
-def test_each_thread_counts_on_a_connection_of_its_own(make_app, collection_url):
+def test_each_thread_counts_on_a_connection_of_its_own(redis_app, collection_url):
     """Threads never share a Redis connection (replies would interleave), and their hits add up."""
-    url = os.environ.get("TEST_REDIS_URL")
-    if not url:
-        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
-    prefix = f"test-{uuid.uuid4().hex}"
-    app = make_app(
-        RATELIMIT_DEFAULT="100 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix
-    )
+    app = redis_app("100 per minute")
     storage = app.extensions["rate_limiting"].storage
     connections, statuses = [], []
 
@@ -358,42 +338,26 @@ def test_each_thread_counts_on_a_connection_of_its_own(make_app, collection_url)
         statuses.extend(client.get(collection_url).status_code for _ in range(5))
         connections.append(storage._per_thread.connection)
 
-    try:
-        threads = [threading.Thread(target=serve) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert statuses == [200] * 20
-        assert len({id(connection) for connection in connections}) == 4
-        remaining = app.test_client().get(collection_url).headers["X-RateLimit-Remaining"]
-        assert remaining == str(100 - 21)
-    finally:
-        redis = storage.get_connection()
-        for key in redis.scan_iter(f"*{prefix}*"):
-            redis.delete(key)
+    threads = [threading.Thread(target=serve) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * 20
+    assert len({id(connection) for connection in connections}) == 4
+    remaining = app.test_client().get(collection_url).headers["X-RateLimit-Remaining"]
+    assert remaining == str(100 - 21)
 
 
-def test_a_forked_worker_opens_a_redis_connection_of_its_own(make_app, collection_url):
+def test_a_forked_worker_opens_a_redis_connection_of_its_own(redis_app, collection_url):
     """A child forked from a process that counted (a preloaded gunicorn master) never reuses its parent's socket."""
-    url = os.environ.get("TEST_REDIS_URL")
-    if not url:
-        skip_or_fail("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
-    prefix = f"test-{uuid.uuid4().hex}"
-    app = make_app(
-        RATELIMIT_DEFAULT="5 per minute", RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix
-    )
+    app = redis_app("5 per minute")
     storage = app.extensions["rate_limiting"].storage
     client = app.test_client()
-    try:
-        assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
-        inherited = storage._per_thread.connection
-        # What os.register_at_fork runs in the child, called here without forking the test run.
-        forget_thread_connections(weakref.ref(storage))
-        assert getattr(storage._per_thread, "connection", None) is None
-        assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "3"
-        assert storage._per_thread.connection is not inherited
-    finally:
-        redis = storage.get_connection()
-        for key in redis.scan_iter(f"*{prefix}*"):
-            redis.delete(key)
+    assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "4"
+    inherited = storage._per_thread.connection
+    # What os.register_at_fork runs in the child, called here without forking the test run.
+    forget_thread_connections(weakref.ref(storage))
+    assert getattr(storage._per_thread, "connection", None) is None
+    assert client.get(collection_url).headers["X-RateLimit-Remaining"] == "3"
+    assert storage._per_thread.connection is not inherited
