@@ -76,13 +76,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
-from opentelemetry.instrumentation.utils import (
-    _SUPPRESS_INSTRUMENTATION_KEY as SUPPRESS_INSTRUMENTATION_KEY,
-)
-from opentelemetry.instrumentation.utils import (
-    _SUPPRESS_INSTRUMENTATION_KEY_PLAIN as SUPPRESS_INSTRUMENTATION_KEY_PLAIN,
-)
-from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
@@ -577,16 +571,16 @@ class SqlSpans:
     def start(self, statement: str) -> trace.Span | None:
         """The statement's span, or None when it gets none (unsampled request, probe, instrumentation off).
 
-        The current context is looked up once and handed to each question
-        (parent span, suppression, the tracer's own parent lookup): each of
-        them would otherwise fetch it again. The attributes go in with the
-        span's start, where the SDK keeps them only if the span records.
+        The current context is looked up once and handed to the parent check
+        and the tracer, which would otherwise each fetch it again. The
+        attributes go in with the span's start, where the SDK keeps them only
+        if the span records.
         """
         context = otel_context.get_current()
         parent = trace.get_current_span(context).get_span_context()
         if self.skip_unsampled and parent.is_valid and not parent.trace_flags.sampled:
             return None
-        if instrumentation_suppressed(context):
+        if not is_instrumentation_enabled():
             return None
         words = statement.split(None, 1)
         name = words[0] + self.suffix if words else self.fallback_name
@@ -594,14 +588,6 @@ class SqlSpans:
         return self.tracer.start_span(
             name, context=context, kind=SpanKind.CLIENT, attributes=attributes
         )
-
-
-def instrumentation_suppressed(context: otel_context.Context) -> bool:
-    """What `not is_instrumentation_enabled()` answers, asked of a context already in hand."""
-    return bool(
-        otel_context.get_value(SUPPRESS_INSTRUMENTATION_KEY, context)
-        or otel_context.get_value(SUPPRESS_INSTRUMENTATION_KEY_PLAIN, context)
-    )
 
 
 @dataclass(eq=False)  # hashable by identity, for the WeakSet of live states
@@ -665,7 +651,7 @@ class TraceContextFilter(logging.Filter):
     """Adds the current span's trace_id and span_id (null outside a span) to every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        context = trace.get_current_span(otel_context.get_current()).get_span_context()
+        context = trace.get_current_span().get_span_context()
         if context.is_valid:
             # What format_trace_id and format_span_id return, without their calls.
             record.trace_id = f"{context.trace_id:032x}"
