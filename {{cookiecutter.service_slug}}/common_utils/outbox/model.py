@@ -248,7 +248,7 @@ def read_back(mapper: Mapper) -> tuple[list, Any]:
     statement = (
         select(*(attribute.columns[0] for attribute in attributes))
         .select_from(mapper.persist_selectable)
-        .where(and_(*(column == bindparam(f"pk_{index}") for index, column in enumerate(mapper.primary_key))))
+        .where(primary_key_clause(mapper, [bindparam(f"pk_{index}") for index in range(len(mapper.primary_key))]))
     )
     return attributes, statement
 
