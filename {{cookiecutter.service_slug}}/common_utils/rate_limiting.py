@@ -322,7 +322,7 @@ class LeanLimiter(Limiter):
             item = limit.limit
             identity = limit.key_func()
             if not identity:
-                self.logger.error(f"Skipping limit: {item}. Empty value found in parameters.")
+                self.logger.error("Skipping limit: %s. Empty value found in parameters.", item)
                 continue
             key = head + str(identity) + tail
             if self._hit_window is not None:
