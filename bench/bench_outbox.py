@@ -55,12 +55,13 @@ from cookiecutter.main import cookiecutter
 TEMPLATE = Path(__file__).resolve().parent.parent
 
 
-def render(output: Path) -> Path:
+def render(output: Path, outbox: str = "rabbitmq") -> Path:
+    """The PostgreSQL service with this outbox (outbox=none is what "outbox off" is), in `output`."""
     cookiecutter(
         str(TEMPLATE),
         no_input=True,
         output_dir=str(output),
-        extra_context={"database": "postgresql", "outbox": "rabbitmq"},
+        extra_context={"database": "postgresql", "outbox": outbox},
     )
     [project] = [path for path in output.iterdir() if path.is_dir()]
     return project
@@ -115,18 +116,6 @@ def write_events(project: str, environ: dict, rate: float, seconds: float, offse
 
 #: Rows each writer process of the writers run changes in turn (its own: writers never wait on each other's locks).
 ROWS_PER_WRITER = 20
-
-
-def render_without_outbox(output: Path) -> Path:
-    """The same service rendered with outbox=none: what "outbox off" is."""
-    cookiecutter(
-        str(TEMPLATE),
-        no_input=True,
-        output_dir=str(output),
-        extra_context={"database": "postgresql", "outbox": "none"},
-    )
-    [project] = [path for path in output.iterdir() if path.is_dir()]
-    return project
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -461,7 +450,7 @@ class Bench:
             )
         context = multiprocessing.get_context("spawn")
         with tempfile.TemporaryDirectory() as folder:
-            groups = {"off": render_without_outbox(Path(folder)), "on": Path(self.project)}
+            groups = {"off": render(Path(folder), outbox="none"), "on": Path(self.project)}
             groups = {mode: WriterGroup(context, project, processes) for mode, project in groups.items()}
             try:
                 for group in groups.values():
