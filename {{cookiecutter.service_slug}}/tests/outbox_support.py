@@ -68,6 +68,14 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def holds_for(check, seconds: float, interval: float = 0.05) -> None:
+    """Run `check` (which asserts) again and again for `seconds`: what it asserts holds throughout."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        check()
+        time.sleep(interval)
+
+
 class Recorder:
     """An in-process handler that records (aggregate, seq, event id) in call order."""
 
