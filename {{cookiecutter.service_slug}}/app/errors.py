@@ -13,31 +13,14 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response
 from marshmallow import Schema, ValidationError, fields
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from common_utils.json_errors import ERROR_CODES, error_response
+
 logger = logging.getLogger(__name__)
 
-ERROR_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    409: "conflict",
-    410: "gone",
-    412: "precondition_failed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "validation_error",
-    429: "rate_limited",
-    500: "internal_error",
-    502: "bad_gateway",
-    503: "service_unavailable",
-    504: "gateway_timeout",
-}
 # What a caller is told about a server-side failure, whatever the exception said.
 GENERIC_MESSAGES = {
     502: "A service this one depends on gave an invalid answer.",
@@ -54,18 +37,6 @@ class ErrorSchema(Schema):
 
 class ErrorResponseSchema(Schema):
     error = fields.Nested(ErrorSchema, required=True)
-
-
-def error_response(status: int, message: str, details: dict | None = None, code: str | None = None):
-    """Build the JSON error body; views call this through `abort`-style helpers."""
-    body = {
-        "error": {
-            "code": code or ERROR_CODES.get(status, "error"),
-            "message": message,
-            "details": details or {},
-        }
-    }
-    return jsonify(body), status
 
 
 def handle_http_exception(error: HTTPException) -> Response:

@@ -46,8 +46,8 @@ import requests
 from flask import Flask, current_app, g, has_request_context
 from urllib3.util import Timeout
 
-from app.errors import error_response
 from common_utils.circuit_breaker import CircuitBreaker, CircuitBreakers, CircuitOpenError
+from common_utils.json_errors import error_response
 
 try:  # present when tracing is on; then the trace context goes with every call
     from opentelemetry.propagate import inject as inject_trace_context

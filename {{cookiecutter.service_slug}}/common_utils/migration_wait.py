@@ -22,6 +22,8 @@ from alembic.script.revision import RevisionError
 from sqlalchemy import create_engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from common_utils.json_logging import configure_json_logging
+
 logger = logging.getLogger("migration_wait")
 
 
@@ -74,7 +76,6 @@ def wait_for_migrations(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.request_logging import configure_logging
     from config import BASE_DIR, Config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=2, help="seconds between checks (default 2)")
     args = parser.parse_args(argv)
     config = Config()
-    configure_logging(config.LOG_LEVEL)
+    configure_json_logging(config.LOG_LEVEL)
     current = wait_for_migrations(
         config.SQLALCHEMY_DATABASE_URI, BASE_DIR / "migrations", args.timeout, args.interval
     )

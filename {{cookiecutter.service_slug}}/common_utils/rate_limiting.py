@@ -60,8 +60,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from app.errors import error_response
 from common_utils.health import add_readiness_check
+from common_utils.json_errors import error_response
 
 EXTENSION_KEY = "rate_limiting"
 EXEMPT_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
