@@ -3,6 +3,8 @@
 - model: the OutboxEvent table, OutboxMixin and the session hooks that
   write events in the writer's own transaction;
 - relay: claims due events, hands them to a transport, marks the outcome;
+- processor: the guide's OutboxProcessor, which holds the event handlers
+  and binds the relay to an app;
 - transport: the contract between the relay and a transport;
 - rabbitmq: the RabbitMQ transport (publisher confirms);
 - consumer: idempotent consumers (ProcessedMessage) and the version check
@@ -23,11 +25,11 @@ from common_utils.outbox.model import (
     PROCESSED,
     OutboxEvent,
     OutboxMixin,
-    OutboxProcessor,
     continue_trace,
     event_values,
     utcnow,
 )
+from common_utils.outbox.processor import OutboxProcessor
 
 __all__ = [
     "FAILED",

@@ -8,9 +8,10 @@ was committed. A relay (common_utils/outbox/relay.py) then publishes the
 rows and marks them processed only once the broker has confirmed them.
 
 The names are the migration guide's: `OutboxEvent` (with
-`OutboxEvent.create_event(session, ...)`), `OutboxMixin` with
-`__outbox_enabled__ = True`, and `OutboxProcessor(db, OutboxEvent)` with
-`register_handler` and `process_pending_events(limit=...)`.
+`OutboxEvent.create_event(session, ...)`) and `OutboxMixin` with
+`__outbox_enabled__ = True`; `OutboxProcessor(db, OutboxEvent)` with
+`register_handler` and `process_pending_events(limit=...)` is in
+common_utils/outbox/processor.py.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ import re
 import threading
 import uuid
 import weakref
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask, current_app, has_app_context, has_request_context, request
+from flask import current_app, has_app_context, has_request_context, request
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -355,52 +355,6 @@ def wake_relays(url: Any) -> None:
         wakers = list(_local_wakers)
     for waker in wakers:
         waker.wake(url)
-
-
-Handler = Callable[[str, Any, Any], Any]
-
-
-class OutboxProcessor:
-    """The guide's processor: handlers by event type, and the relay that runs them.
-
-    Like a blueprint, it is made once (`OutboxProcessor(db, OutboxEvent)`)
-    and bound to each app with `init_app(app)`, which reads the OUTBOX_*
-    settings and keeps the app's transport, metrics and relay in
-    `app.extensions["outbox"]`. Handlers are called as
-    `handler(aggregate_id, payload, event)` by the `in_process` transport.
-    """
-
-    def __init__(self, db, model=None, app: Flask | None = None):
-        self.db = db
-        self.model = model if model is not None else OutboxEvent
-        self.handlers: dict[str, list[Handler]] = defaultdict(list)
-        if app is not None:
-            self.init_app(app)
-
-    def register_handler(self, event_type: str) -> Callable[[Handler], Handler]:
-        """Decorator: run the function for every event of `event_type` ("*" for all)."""
-
-        def decorator(handler: Handler) -> Handler:
-            self.handlers[event_type].append(handler)
-            return handler
-
-        return decorator
-
-    def init_app(self, app: Flask) -> None:
-        from common_utils.outbox.relay import init_outbox
-
-        init_outbox(app, self)
-
-    def process_pending_events(self, limit: int | None = None) -> int:
-        """Publish one batch of due events (in the current app); return how many were processed."""
-        return self.state().process_batch(limit)
-
-    def start_relay_thread(self, app: Flask, *, on_first_request: bool = False) -> None:
-        """Run the relay in a background thread of this process (once per process)."""
-        app.extensions["outbox"].start_thread(on_first_request=on_first_request)
-
-    def state(self, app: Flask | None = None):
-        return (app or current_app).extensions["outbox"]
 
 
 class OutboxEvent(db.Model):
