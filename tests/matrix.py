@@ -206,3 +206,45 @@ def linted_everywhere(matrix: Matrix, layout: RuffLayout) -> list[str]:
             if path.endswith(".py") and (context, path, digest(data)) not in layout.checked:
                 missing.append(f"{path} of {combination_id(project.answers)} was not linted")
     return missing
+
+
+# --- import-linter, once per distinct set of layered code --------------------------------------
+
+#: The packages each project's import contracts cover ([tool.importlinter] in its pyproject.toml).
+LAYERED_PACKAGES = ("app/", "common_utils/")
+
+
+def import_contract_problems(projects: list[Project], root: Path) -> list[str]:
+    """`lint-imports` with each project's own contracts; projects with the same code are checked once.
+
+    Only pyproject.toml and the Python files of the layered packages decide
+    the verdict, so those are written (once per distinct set) and checked;
+    the answer names the combinations that share a broken set.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, project in enumerate(projects):
+        files = tuple(
+            sorted(
+                (path, digest(data))
+                for path, data in project.files.items()
+                if path == "pyproject.toml" or (path.startswith(LAYERED_PACKAGES) and path.endswith(".py"))
+            )
+        )
+        groups[files].append(index)
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    problems = []
+    for number, (files, indexes) in enumerate(groups.items()):
+        folder = root / f"layers-{number}"
+        project = projects[indexes[0]]
+        for path, _ in files:
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_bytes(project.files[path])
+        result = subprocess.run(
+            [str(lint_imports), "--no-logo", "--no-cache"], cwd=folder, capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            names = [combination_id(projects[i].answers) for i in indexes[:2]]
+            more = f" and {len(indexes) - 2} more" if len(indexes) > 2 else ""
+            broken = result.stdout[result.stdout.find("Broken contracts") :] or result.stdout + result.stderr
+            problems.append(f"{', '.join(names)}{more}: {broken.strip()}")
+    return problems

@@ -29,7 +29,14 @@ from tests.combinations import (
 )
 from tests.conftest import EDGE_ANSWERS
 from tests.content_checks import CONTENT_CHECKS
-from tests.matrix import check_contents, check_projects, digest, linted_everywhere, ruff_problems
+from tests.matrix import (
+    check_contents,
+    check_projects,
+    digest,
+    import_contract_problems,
+    linted_everywhere,
+    ruff_problems,
+)
 from tests.project_checks import PROJECT_CHECKS
 from tests.rendering import SCRATCH, render_with_cookiecutter
 
@@ -133,6 +140,21 @@ def test_ruff_passes(matrix, tmp_path):
     assert problems == []
     assert linted_everywhere(matrix, layout) == []
     ci_report.REPORT.counts["ruff"] = f"one run over {len(layout.origin)} distinct Python files"
+
+
+def test_import_contracts_hold(matrix, tmp_path):
+    """import-linter, with each project's own contracts: common_utils never imports app, and no import cycle.
+
+    Run on the covering set (every pair of answers at least once) and the edge
+    answers rather than on every combination (a run costs 0.2 s, the whole
+    matrix more than a minute): an import exists when its module does and,
+    at most, when one more answer's condition holds, so every pair covers
+    every import, and every cycle of two conditional imports.
+    """
+    chosen = [*covering_set(), *EDGE_ANSWERS]
+    projects = [project for project in matrix.projects if project.answers in chosen]
+    assert len(projects) == len(chosen)
+    assert import_contract_problems(projects, tmp_path) == []
 
 
 # --- each project, as a whole -----------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 
 from tests.combinations import TEMPLATE, defaults, matrix_questions
 from tests.content_checks import CONTENT_CHECKS
-from tests.matrix import check_contents, render_matrix, ruff_problems
+from tests.matrix import check_contents, import_contract_problems, render_matrix, ruff_problems
 from tests.project_checks import compose_problems, import_problems, workflow_problems
 from tests.rendering import Hook, Renderer
 from tests.suites import (
@@ -229,6 +229,24 @@ def test_a_lint_finding_in_one_combination_is_caught(template_copy, tmp_path):
     matrix = render_matrix([defaults(), {**defaults(), "use_metrics": False}], Renderer(template_copy))
     problems, _ = ruff_problems(matrix, tmp_path / "ruff")
     assert [p for p in problems if p.startswith("app/__init__.py:") and "F401" in p and "no_metrics" in p], problems
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "expected"),
+    [
+        ("common_utils/health.py", "from app.errors import error_response\n", "common_utils is not allowed to import app"),
+        ("common_utils/outbox/model.py", "def later():\n    from common_utils.outbox import relay\n", "No cycles are allowed in common_utils.outbox"),
+    ],
+    ids=["common_utils-imports-app", "lazy-import-cycle"],
+)
+def test_a_broken_import_layer_is_caught(tmp_path, module, line, expected):
+    """The import contracts fail for a common_utils module importing app, and for a cycle closed inside a function."""
+    project = render_one(defaults()).projects[0]
+    assert import_contract_problems([project], tmp_path / "clean") == []
+    project.files[module] += b"\n\n" + line.encode()
+    problems = import_contract_problems([project], tmp_path / "broken")
+    assert len(problems) == 1, problems
+    assert expected in problems[0]
 
 
 # --- finding 5: pairs counted from the rendered matrix --------------------------------------------------------
