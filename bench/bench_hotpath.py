@@ -28,6 +28,9 @@ per request (user + system of the gunicorn master and workers, read from
 /proc), which is steadier than req/s on a shared machine. Ratios are
 against all-off: req/s ratio = variant / all-off; CPU ratio = all-off CPU
 per request / variant CPU per request (both 1.0 for free, lower is costlier).
+Each ratio is given twice: of the medians over all rounds, and as the
+median (and range) of each round's own ratio, which cancels the machine's
+slower swings in speed.
 
     python bench/bench_hotpath.py [--seconds 8] [--rounds 3] [--only all-on,all-off] [--calls]
 
@@ -477,6 +480,13 @@ def main() -> int:
 
 
 def report(results: dict[str, list[dict]], load_before: float, load_after: float, args) -> None:
+    """Two ratios per variant: of the medians, and the median of each round's own ratio.
+
+    A round measures every variant within a minute or so, so its own ratio
+    cancels the machine's slower swings in speed (on a shared 2-core machine a
+    fixed CPU loop took from 0.12 to 0.20 s within a minute), which the
+    medians taken over all rounds do not.
+    """
     base_rps = statistics.median(r["rps"] for r in results["all-off"])
     base_cpu = statistics.median(r["cpu_ms"] for r in results["all-off"])
     print()
@@ -484,12 +494,24 @@ def report(results: dict[str, list[dict]], load_before: float, load_after: float
         f"{args.rounds} rounds x {args.seconds:g} s per variant, gunicorn {WORKERS} workers, wrk {CONNECTIONS}"
         f" connections; load average {load_before:.1f} before, {load_after:.1f} after"
     )
-    print("| variant | req/s (median) | req/s ratio | CPU ms/request (median) | CPU ratio |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| variant | req/s (median) | req/s ratio | per-round req/s ratio: median (min-max)"
+        " | CPU ms/request (median) | CPU ratio | per-round CPU ratio: median (min-max) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, rounds in results.items():
         rps = statistics.median(r["rps"] for r in rounds)
         cpu = statistics.median(r["cpu_ms"] for r in rounds)
-        print(f"| {name} | {rps:,.0f} | {rps / base_rps:.2f} | {cpu:.3f} | {base_cpu / cpu:.2f} |")
+        rps_ratios = [r["rps"] / off["rps"] for r, off in zip(rounds, results["all-off"], strict=True)]
+        cpu_ratios = [off["cpu_ms"] / r["cpu_ms"] for r, off in zip(rounds, results["all-off"], strict=True)]
+        print(
+            f"| {name} | {rps:,.0f} | {rps / base_rps:.2f} | {spread(rps_ratios)}"
+            f" | {cpu:.3f} | {base_cpu / cpu:.2f} | {spread(cpu_ratios)} |"
+        )
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 if __name__ == "__main__":
