@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 
 from sqlalchemy import (
     and_,
@@ -235,7 +236,7 @@ class OutboxStore:
         with self.begin() as connection:
             connection.exec_driver_sql("SET LOCAL enable_sort = off")
             rows = connection.execute(statement).all()
-        rows.sort(key=lambda row: row.position)
+        rows.sort(key=attrgetter("position"))
         return Claim(token=token, rows=rows, selected=len(rows))
 
     def keep_in_order(self, connection: Connection, rows: list) -> list:

@@ -105,6 +105,13 @@ class UTCTimestamp(TypeDecorator):
         value = value.astimezone(UTC)
         return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
 
+    def result_processor(self, dialect, coltype):
+        # psycopg already returns timestamptz as aware datetimes: no call per row
+        # (the relay reads hundreds of rows per batch).
+        if dialect.name == "postgresql":
+            return None
+        return super().result_processor(dialect, coltype)
+
     def process_result_value(self, value, dialect):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
