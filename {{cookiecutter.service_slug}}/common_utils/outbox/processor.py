@@ -1,8 +1,8 @@
 """The migration guide's OutboxProcessor: the service's event handlers, and its relay bound to an app.
 
-It sits above the model and the relay (it needs both), so that neither of
-them imports the other's user: model.py knows nothing of relaying, and the
-relay is handed its processor by `init_app`.
+It sits above both the model and the relay, which it needs, so neither of
+them has to import it: model.py knows nothing of relaying, and the relay is
+handed its processor by `init_app`.
 """
 
 from __future__ import annotations
