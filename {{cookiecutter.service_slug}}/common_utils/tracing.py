@@ -87,7 +87,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import ParentBased
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -652,12 +652,9 @@ class TraceContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         context = trace.get_current_span().get_span_context()
-        if context.is_valid:
-            # What format_trace_id and format_span_id return, without their calls.
-            record.trace_id = f"{context.trace_id:032x}"
-            record.span_id = f"{context.span_id:016x}"
-        else:
-            record.trace_id = record.span_id = None
+        valid = context.is_valid
+        record.trace_id = format_trace_id(context.trace_id) if valid else None
+        record.span_id = format_span_id(context.span_id) if valid else None
         return True
 
 
