@@ -340,12 +340,9 @@ class LeanLimiter(Limiter):
             headers.append((limit.shared, header))
         if headers:
             # Flask-Limiter's choice: the first limit not shared (plans are sorted), else the first.
-            chosen = headers[0][1]
-            for shared, header in headers:
-                if not shared:
-                    chosen = header
-                    break
-            req.rate_limit_header = chosen
+            req.rate_limit_header = next(
+                (header for shared, header in headers if not shared), headers[0][1]
+            )
 
     def _add_headers(self, response):
         """X-RateLimit-Limit, -Remaining and -Reset on every limited response; Retry-After on a 429."""
