@@ -91,12 +91,14 @@ def write_events(project: str, environ: dict, rate: float, seconds: float, offse
     insert = OutboxEvent.__table__.insert()
     committed = {}
 
-    def commit_one(index: int) -> str:
+    def commit_one(index: int) -> tuple[str, float]:
+        """Write one event; its id and its commit time (taken before the wake-up, as a writer's is)."""
         values = event_values("bench.happened", "bench", f"{os.getpid()}-{index % 50}", {"index": index})
         with connection.begin():
             connection.execute(insert, values)
+        committed_at = time.monotonic()
         notifier.wake(engine.url)
-        return values["id"]
+        return values["id"], committed_at
 
     with engine.connect() as connection:
         commit_one(-1)
@@ -106,8 +108,8 @@ def write_events(project: str, environ: dict, rate: float, seconds: float, offse
             delay = next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            event_id = commit_one(index)
-            committed[event_id] = time.monotonic()
+            event_id, committed_at = commit_one(index)
+            committed[event_id] = committed_at
             next_at += 1 / rate
     time.sleep(0.2)  # the notifier thread sends the last wake-up
     engine.dispose()
