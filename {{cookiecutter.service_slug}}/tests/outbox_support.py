@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from app.events import processor
 from app.extensions import db
 from app.models import {{ cookiecutter.__resource_class }}
-from common_utils.outbox import PENDING, OutboxEvent
+from common_utils.outbox import PENDING, OutboxEvent, event_values
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +51,34 @@ def write_streams(
     for thread in threads:
         thread.join()
     return names
+
+
+def write(app, events: list[tuple[str, int]]) -> list[str]:
+    """Commit (aggregate id, seq) events in one transaction, in list order; their ids."""
+    rows = [event_values("test.happened", "test", aggregate_id, {"seq": seq}) for aggregate_id, seq in events]
+    with app.app_context():
+        db.session.execute(OutboxEvent.__table__.insert(), rows)
+        db.session.commit()
+        db.session.remove()
+    return [row["id"] for row in rows]
+
+
+def statuses(app) -> dict[str, str]:
+    with app.app_context():
+        return dict(db.session.execute(select(OutboxEvent.id, OutboxEvent.status)).all())
+
+
+def run_relay(app, workers: int | None = None) -> tuple:
+    """A long-running relay in a thread (as `flask outbox relay` runs it); returns (relay, thread)."""
+    relay = app.extensions["outbox"].relay(workers=workers)
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    return relay, thread
+
+
+def stop_relay(relay, thread) -> None:
+    relay.stop()
+    thread.join(10)
 
 
 def count_pending(app) -> int:

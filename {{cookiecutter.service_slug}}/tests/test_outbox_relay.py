@@ -14,7 +14,7 @@ import pytest
 {%- if cookiecutter.use_metrics %}
 from prometheus_client.parser import text_string_to_metric_families
 {%- endif %}
-from sqlalchemy import event, select{% if cookiecutter.database != "sqlite" %}, text{% endif %}
+from sqlalchemy import event{% if cookiecutter.database != "sqlite" %}, text{% endif %}
 
 from app.events import processor
 from app.extensions import db
@@ -23,7 +23,15 @@ from common_utils.outbox.relay import OutboxSettings
 {%- if cookiecutter.database != "sqlite" %}
 from tests.conftest import skip_or_fail
 {%- endif %}
-from tests.outbox_support import {% if cookiecutter.database != "sqlite" %}holds_for, {% endif %}outbox_app_with, registered_handler, wait_until
+from tests.outbox_support import (
+    outbox_app_with,
+    registered_handler,
+    run_relay,
+    statuses,
+    stop_relay,
+    wait_until,
+    write,
+)
 
 
 @pytest.fixture
@@ -39,34 +47,6 @@ def relay_app(app, make_app):
         OUTBOX_RELAY_STALE_AFTER=5.0,
     ) as built:
         yield built
-
-
-def write(app, events: list[tuple[str, int]]) -> list[str]:
-    """Commit (aggregate id, seq) events in one transaction, in list order; their ids."""
-    rows = [event_values("test.happened", "test", aggregate_id, {"seq": seq}) for aggregate_id, seq in events]
-    with app.app_context():
-        db.session.execute(OutboxEvent.__table__.insert(), rows)
-        db.session.commit()
-        db.session.remove()
-    return [row["id"] for row in rows]
-
-
-def statuses(app) -> dict[str, str]:
-    with app.app_context():
-        return dict(db.session.execute(select(OutboxEvent.id, OutboxEvent.status)).all())
-
-
-def run_relay(app, workers: int | None = None) -> tuple:
-    """A long-running relay in a thread (as `flask outbox relay` runs it); returns (relay, thread)."""
-    relay = app.extensions["outbox"].relay(workers=workers)
-    thread = threading.Thread(target=relay.run, daemon=True)
-    thread.start()
-    return relay, thread
-
-
-def stop_relay(relay, thread) -> None:
-    relay.stop()
-    thread.join(10)
 
 
 def drain(app, rounds: int = 20) -> int:
@@ -102,74 +82,6 @@ def test_a_blocked_key_does_not_stall_the_other_keys(relay_app):
             stop_relay(relay, thread)
     assert sorted(delivered) == sorted(f"free-{index}" for index in range(50))
     assert list(statuses(relay_app).values()).count(PENDING) == 600
-
-{%- if cookiecutter.database != "sqlite" %}
-
-
-# -- a trickle needs one loop, a backlog gets them all -------------------------------------
-
-
-def test_a_trickle_is_relayed_by_the_first_loop_alone(relay_app):
-    """Each commit wakes one loop of two: two loops woken for one event only contend for it."""
-    handled_by = []
-    with registered_handler("test.happened", lambda aggregate_id, payload, event: handled_by.append(
-        threading.current_thread().name
-    )):
-        relay, thread = run_relay(relay_app, workers=2)
-        try:
-            for index in range(30):
-                write(relay_app, [(f"trickle-{index}", 0)])
-                wait_until(lambda count=index + 1: len(handled_by) == count, timeout=10, what=f"event {index}")
-        finally:
-            stop_relay(relay, thread)
-    assert set(handled_by) == {thread.name}
-
-
-def test_a_loop_waiting_for_a_backlog_is_not_reported_stuck(app, make_app):
-    """The second loop, idle while one loop is enough, keeps beating: health counts both loops live throughout."""
-    stale_after = 2.0
-    built = make_app(
-        OUTBOX_TRANSPORT="in_process", OUTBOX_RELAY_STALE_AFTER=stale_after, OUTBOX_PROCESSING_INTERVAL=0.1
-    )
-    state = built.extensions["outbox"]
-    relay, thread = run_relay(built, workers=2)
-    try:
-        wait_until(lambda: state.relay_health()["live"] == 2, timeout=10, what="both loops' first heartbeat")
-
-        def both_live() -> None:
-            health = state.relay_health()
-            assert (health["live"], health["stale"]) == (2, 0), health
-
-        holds_for(both_live, 1.5 * stale_after)  # a loop that stopped beating shows within stale_after
-    finally:
-        stop_relay(relay, thread)
-        state.close()
-
-
-def test_a_full_batch_brings_the_other_loops_in(app, make_app):
-    """With a backlog, a second loop claims a batch while the first is still publishing its own."""
-    helper_handled = threading.Event()
-    first_loop_events, waited = [], []
-
-    def handler(aggregate_id, payload, event):
-        if threading.current_thread().name != relay_thread.name:
-            helper_handled.set()
-            return
-        first_loop_events.append(aggregate_id)
-        if len(first_loop_events) == 11:  # the first event of its second batch: held until a helper publishes
-            waited.append(helper_handled.wait(10))
-
-    with outbox_app_with(make_app, OUTBOX_TRANSPORT="in_process", OUTBOX_BATCH_SIZE=10) as built:
-        ids = write(built, [(f"backlog-{index}", 0) for index in range(60)])
-        with registered_handler("test.happened", handler):
-            relay, relay_thread = run_relay(built, workers=2)
-            try:
-                wait_until(lambda: set(statuses(built).values()) == {PROCESSED}, timeout=30, what="the backlog")
-            finally:
-                stop_relay(relay, relay_thread)
-        assert set(statuses(built)) == set(ids)
-    assert waited == [True]
-{%- endif %}
 
 
 # -- item 8: a dead letter parks its key ------------------------------------------------
@@ -391,6 +303,8 @@ def test_the_relay_loop_survives_any_exception(relay_app):
 
 def test_a_malformed_amqp_url_is_logged_and_retried_not_fatal(app, make_app):
     """The RabbitMQ transport cannot even be built: the loop records the error and keeps going."""
+    from sqlalchemy import select
+
     from common_utils.outbox.heartbeat import OutboxRelay
 
     built = make_app(OUTBOX_TRANSPORT="rabbitmq", AMQP_URL="amqp://guest:guest@127.0.0.1:notaport/%2F")
