@@ -19,6 +19,8 @@ a scratch database and measures:
    they can, with the outbox off (the same service rendered with
    outbox=none) and on (the row, its event, the after-commit wake-up), in
    interleaved rounds; commits/s and the ratio on/off per round, median;
+   and, counted in one writer of each, Python calls and SQL statements
+   per commit (no load on the machine changes these);
 6. retention: processed events deleted per second by `cleanup()`;
 7. guide: the migration guide's algorithm on the same setup, measured:
    `process_pending_events(limit=10)` with a per-event publish and
@@ -155,23 +157,53 @@ def service_writer(project: str, environ: dict, first_id: int, commands, results
         with app.app_context():  # the pool hands this single thread the same connection every time
             return db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
 
+    def write(commits: int) -> None:
+        with app.test_request_context(method="PATCH"):
+            item = get_or_404(ids[commits % ROWS_PER_WRITER])
+            check_if_match(item)
+            item.quantity = commits
+            commit_or_409(item)
+            etag(item)
+
     backend_pid()
     results.put(None)  # ready
-    while (seconds := commands.get()) is not None:
+    while (command := commands.get()) is not None:
+        if command == "calls":
+            results.put(calls_per_write(app, db, write))
+            continue
         commits = 0
         backend = backend_pid()
         started = (time.process_time(), process_cpu_seconds(backend))
-        end = time.monotonic() + seconds
+        end = time.monotonic() + command
         while time.monotonic() < end:
-            with app.test_request_context(method="PATCH"):
-                item = get_or_404(ids[commits % ROWS_PER_WRITER])
-                check_if_match(item)
-                item.quantity = commits
-                commit_or_409(item)
-                etag(item)
+            write(commits)
             commits += 1
         client, server = time.process_time() - started[0], process_cpu_seconds(backend) - started[1]
         results.put((commits, client, server if backend_pid() == backend else float("nan")))
+
+
+def calls_per_write(app, db, write, writes: int = 500) -> tuple[float, float]:
+    """Python function calls and SQL statements per write: figures no load on the machine changes."""
+    import cProfile
+    import pstats
+
+    from sqlalchemy import event
+
+    statements = []
+
+    def count(*args) -> None:
+        statements.append(None)
+
+    with app.app_context():
+        engine = db.engine
+    event.listen(engine, "before_cursor_execute", count)
+    profile = cProfile.Profile()
+    try:
+        profile.runcall(lambda: [write(index) for index in range(writes)])
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    calls = sum(entry[1] for entry in pstats.Stats(profile).stats.values())
+    return calls / writes, len(statements) / writes
 
 
 class WriterGroup:
@@ -195,6 +227,12 @@ class WriterGroup:
     def wait_ready(self) -> None:
         for _ in self.processes:
             self.results.get(timeout=1800)  # a loaded machine imports slowly
+
+    def calls(self) -> dict[str, float]:
+        """Python calls and SQL statements per commit, counted in one writer process."""
+        self.commands[0].put("calls")
+        calls, statements = self.results.get(timeout=1800)
+        return {"calls": round(calls), "statements": statements}
 
     def run(self, seconds: float) -> dict[str, float]:
         """Write for `seconds`: commits/s, and client and PostgreSQL backend CPU per commit (µs)."""
@@ -473,6 +511,8 @@ class Bench:
                     }
                     progress(f"writers round {index + 1}", result)
                     per_round.append(result)
+                counted = {mode: group.calls() for mode, group in groups.items()}
+                progress("writers' calls and statements per commit", counted)
             finally:
                 for group in groups.values():
                     group.close()
@@ -487,6 +527,8 @@ class Bench:
             **summary,
             "ratio_median": statistics.median(result["ratio"] for result in per_round),
             "cpu_ratio_median": statistics.median(result["cpu_ratio"] for result in per_round),
+            **{f"{mode}_{key}": value for mode, count in counted.items() for key, value in count.items()},
+            "calls_ratio": round(counted["off"]["calls"] / counted["on"]["calls"], 3),
         }
 
     def retention_rate(self, events: int) -> float:
@@ -685,7 +727,9 @@ def main() -> int:
         f"{', '.join(format(result['ratio'], '.2f') for result in writers['rounds'])}, "
         f"median {writers['ratio_median']:.2f} (target >= 0.90); CPU per commit (client + PostgreSQL) off "
         f"{writers['off_client_cpu_us'] + writers['off_server_cpu_us']:.0f} µs, on "
-        f"{writers['on_client_cpu_us'] + writers['on_server_cpu_us']:.0f} µs, ratio {writers['cpu_ratio_median']:.2f}"
+        f"{writers['on_client_cpu_us'] + writers['on_server_cpu_us']:.0f} µs, ratio {writers['cpu_ratio_median']:.2f}; "
+        f"Python calls per commit off {writers['off_calls']}, on {writers['on_calls']}, ratio {writers['calls_ratio']:.2f}; "
+        f"SQL statements off {writers['off_statements']:.1f}, on {writers['on_statements']:.1f}"
     )
     print(f"  retention: {retention:8.0f} processed events deleted/s (target >= 10,000)")
     print(f"  guide's loop, no sleep                   {guide:8.1f} events/s  ({best_relay / guide:.0f}x slower than the relay)")

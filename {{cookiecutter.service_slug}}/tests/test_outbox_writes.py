@@ -1,7 +1,8 @@
 """The write side of the outbox: events are the committed truth, in commit order, and consumers can tell.
 
 - An event's payload is the row as its transaction wrote it, even when
-  another transaction changed the row in between (item 1).
+  another transaction changed the row in between (item 1): read back, or
+  taken from memory where the version check proves the row (payload.py).
 - Every event carries its aggregate's version and ordering key in its
   headers; `check_version` tells a consumer about gaps and reordering.
 - The idempotent consumer skips a duplicate message id only: any other
@@ -15,14 +16,17 @@ test_outbox_races.py, which SQLite projects do not have.
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
+
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import String, event, select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from app.extensions import db
 from app.models import {{ cookiecutter.__resource_class }}
-from common_utils.outbox import VersionOrder, check_version
+from common_utils.outbox import OutboxEvent, OutboxMixin, VersionOrder, check_version
 from common_utils.outbox.consumer import ProcessedMessage, idempotent_consumer
 from tests.outbox_support import create_item, events_of, outbox_app_with, stored_row
 
@@ -38,31 +42,130 @@ def outbox_app(app, make_app):
 # -- item 1: the payload is the row as written ---------------------------------------
 
 
-def test_the_payload_is_the_row_as_written_including_a_concurrent_change(outbox_app, collection_url, new_item):
-    """A column changed by another transaction (a script, no version bump) between the request's read
-    and its write is in the event: the payload is read back from the row, not from memory."""
-    client = outbox_app.test_client()
-    item_id = create_item(outbox_app, client, collection_url, new_item)
+class NoteBase(DeclarativeBase):
+    """A registry of its own: the unversioned model below is not part of the service's migrations."""
+
+
+class Note(OutboxMixin, NoteBase):
+    """An aggregate without a version column: its updates prove nothing about the rest of the row."""
+
+    __tablename__ = "outbox_test_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    body: Mapped[str] = mapped_column(String(50))
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "title": self.title, "body": self.body}
+
+
+@pytest.fixture
+def notes(outbox_app):
+    with outbox_app.app_context():
+        NoteBase.metadata.create_all(db.engine)
+    yield
+    with outbox_app.app_context():
+        NoteBase.metadata.drop_all(db.engine)
+
+
+def change_elsewhere_before_the_flush(statement: str, **params):
+    """Run `statement` in its own committed transaction right before the next flush (once)."""
     done = []
 
     def write_elsewhere(session, flush_context, instances):
         if not done:
             done.append(True)
             with db.engine.begin() as connection:
-                connection.execute(
-                    text("UPDATE {{ cookiecutter.resource_plural }} SET description = 'by a script' WHERE id = :id"),
-                    {"id": item_id},
-                )
+                connection.execute(text(statement), params)
 
     event.listen(Session, "before_flush", write_elsewhere)
+    return done, lambda: event.remove(Session, "before_flush", write_elsewhere)
+
+
+def statements_during(app, work) -> list[str]:
+    """The SQL statements `work()` sends to the database."""
+    sent = []
+
+    def record(connection, cursor, statement, parameters, context, executemany):
+        sent.append(statement)
+
+    with app.app_context():
+        engine = db.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        work()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return sent
+
+
+def test_an_unversioned_payload_is_read_back_with_a_concurrent_change(outbox_app, notes):
+    """A column a script changed between the read and the write of a model without a version is
+    in the event: the payload is read back from the row, not taken from memory."""
+    with outbox_app.app_context():
+        db.session.add(Note(id=1, title="first", body="original"))
+        db.session.commit()
+        note = db.session.get(Note, 1)
+        note.title = "second"
+        done, stop = change_elsewhere_before_the_flush("UPDATE outbox_test_notes SET body = 'by a script'")
+        try:
+            db.session.commit()
+        finally:
+            stop()
+        payload = db.session.scalars(
+            select(OutboxEvent.payload).where(OutboxEvent.aggregate_type == "note").order_by(OutboxEvent.position)
+        ).all()[-1]
+    assert (done, json.loads(payload)) == ([True], {"id": 1, "title": "second", "body": "by a script"})
+
+
+def test_a_write_over_a_concurrent_versioned_change_is_refused_without_an_event(outbox_app, collection_url, new_item):
+    """A script that changes a versioned row bumps its version (every writer must): the request that
+    read the old version gets 409 and writes no event, so no event can miss the script's change."""
+    client = outbox_app.test_client()
+    item_id = create_item(outbox_app, client, collection_url, new_item)
+    done, stop = change_elsewhere_before_the_flush(
+        "UPDATE {{ cookiecutter.resource_plural }} SET description = 'by a script', version = version + 1 WHERE id = :id",
+        id=item_id,
+    )
     try:
         response = client.patch(f"{collection_url}/{item_id}", json={"quantity": 7})
     finally:
-        event.remove(Session, "before_flush", write_elsewhere)
-    assert (done, response.status_code) == ([True], 200)
-    row = stored_row(outbox_app, item_id)
-    assert (row["description"], row["quantity"]) == ("by a script", 7)
-    assert events_of(outbox_app, item_id)[-1].data == row
+        stop()
+    assert (done, response.status_code) == ([True], 409)
+    assert [e.event_type for e in events_of(outbox_app, item_id)] == [f"{AGGREGATE}.created"]
+    assert stored_row(outbox_app, item_id)["description"] == "by a script"
+
+
+def test_a_value_the_database_rounds_is_in_the_event_as_stored(outbox_app, new_item):
+    """A price with more decimals than its column keeps is rounded by the database; the event says
+    what was stored, not what was held in memory."""
+    with outbox_app.app_context():
+        item = {{ cookiecutter.__resource_class }}(**{**new_item, "unit_price": Decimal("1.005")})
+        db.session.add(item)
+        db.session.commit()
+        item_id = item.id
+        item.unit_price = Decimal("2.675")
+        db.session.commit()
+    created, updated = events_of(outbox_app, item_id)
+    assert updated.data == stored_row(outbox_app, item_id)
+    assert created.data["unit_price"] != "1.005"
+
+
+def test_a_versioned_update_of_exact_values_is_not_read_back(outbox_app, collection_url, new_item):
+    """A PATCH of the example resource builds its event from memory on PostgreSQL and MySQL: the
+    version check proves the row. SQLite keeps decimals as floats, so there it is read back."""
+    client = outbox_app.test_client()
+    item_id = create_item(outbox_app, client, collection_url, new_item)
+
+    def patch():
+        assert client.patch(f"{collection_url}/{item_id}", json={"quantity": 7}).status_code == 200
+
+    sent = statements_during(outbox_app, patch)
+    update = next(index for index, statement in enumerate(sent) if statement.startswith("UPDATE"))
+    insert = next(index for index, statement in enumerate(sent) if statement.startswith("INSERT INTO outbox_events"))
+    with outbox_app.app_context():
+        read_back_expected = db.engine.dialect.name == "sqlite"
+    assert (insert - update > 1) is read_back_expected, sent[update : insert + 1]
+    assert events_of(outbox_app, item_id)[-1].data == stored_row(outbox_app, item_id)
 
 
 # -- versions and ordering keys in the headers ---------------------------------------------

@@ -2,6 +2,8 @@
 
 - model: the OutboxEvent table, OutboxMixin and the session hooks that
   write events in the writer's own transaction;
+- payload: the row an event's payload is built from, exactly as written
+  (from memory where that is provably the row, else read back);
 - relay: claims due events, hands them to a transport, marks the outcome;
 - processor: the guide's OutboxProcessor, which holds the event handlers
   and binds the relay to an app;

@@ -31,15 +31,12 @@ from typing import Any
 from flask import current_app, has_app_context, has_request_context, request
 from sqlalchemy import (
     BigInteger,
-    Connection,
     DateTime,
     Index,
     Integer,
     String,
     Text,
     TypeDecorator,
-    and_,
-    bindparam,
     event,
     inspect,
     select,
@@ -47,9 +44,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, Mapper, Session, mapped_column
-from sqlalchemy.orm.attributes import set_committed_value
 
 from common_utils.database import db
+from common_utils.outbox.payload import as_written, primary_key_clause
 
 try:  # the OpenTelemetry API is there when tracing is on; the outbox works without it
     from opentelemetry import propagate as otel_propagate
@@ -192,18 +189,34 @@ def continue_trace(headers: dict | None, name: str, tracer=None, **attributes) -
         yield span
 
 
+@functools.cache
+def snake_case(name: str) -> str:
+    """`LineItem` -> `line_item` (once per class: it is asked for every event)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+@functools.cache
+def version_key(mapper: Mapper) -> str | None:
+    """The attribute holding the mapper's version_id_col, or None without one."""
+    if mapper.version_id_col is None:
+        return None
+    return mapper.get_property_by_column(mapper.version_id_col).key
+
+
 class OutboxMixin:
     """Give a model events: inserting, updating or deleting it writes
     `<aggregate>.created`, `.updated` or `.deleted` with `to_dict()` as payload,
     in the same transaction. Set `__outbox_enabled__ = False` to silence a subclass.
 
     The payload of `.created` and `.updated` is the row as this transaction
-    wrote it: read back after the flush, while the INSERT or UPDATE holds
-    the row's lock, so it is what commits, including columns another
-    transaction changed meanwhile. `outbox_payload()` runs on a copy loaded
-    from that row (columns only: load anything else it needs itself). A
-    model with a `version_id_col` (optimistic concurrency) gets its version
-    in every event's `aggregate-version` header.
+    wrote it, which is what commits (the INSERT or UPDATE holds the row's
+    lock), including columns another transaction changed meanwhile:
+    `outbox_payload()` runs on a columns-only copy of that row (load
+    anything else it needs itself), taken from memory when the row provably
+    holds what the object does, else read back (common_utils/outbox/payload.py).
+    A model with a `version_id_col` (optimistic concurrency) gets its
+    version in every event's `aggregate-version` header, and its updates
+    need no read-back: every writer of its table must bump the version.
     """
 
     __outbox_enabled__ = True
@@ -212,7 +225,7 @@ class OutboxMixin:
 
     @classmethod
     def outbox_aggregate_type(cls) -> str:
-        return cls.__outbox_aggregate_type__ or re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+        return cls.__outbox_aggregate_type__ or snake_case(cls.__name__)
 
     def outbox_aggregate_id(self) -> str:
         return str(self.id)
@@ -222,10 +235,8 @@ class OutboxMixin:
 
     def outbox_version(self) -> int | None:
         """The aggregate's version (its mapper's version_id_col), or None without one."""
-        mapper = inspect(type(self))
-        if mapper.version_id_col is None:
-            return None
-        return getattr(self, mapper.get_property_by_column(mapper.version_id_col).key)
+        key = version_key(inspect(type(self)))
+        return None if key is None else getattr(self, key)
 
     def outbox_event_values(self, action: str) -> dict:
         aggregate_type = self.outbox_aggregate_type()
@@ -237,45 +248,6 @@ class OutboxMixin:
             self.outbox_payload(),
             headers={VERSION_HEADER: str(version)} if version is not None else None,
         )
-
-
-def primary_key_clause(mapper: Mapper, identity: tuple) -> Any:
-    """WHERE the mapper's primary key columns equal `identity` (composite keys too)."""
-    return and_(*(column == value for column, value in zip(mapper.primary_key, identity, strict=True)))
-
-
-@functools.cache
-def read_back(mapper: Mapper) -> tuple[list, Any]:
-    """The mapper's column attributes and the SELECT of their row by primary key (bound as pk_0, pk_1...).
-
-    Built once per mapper: constructing and compiling it again for every
-    event cost more than running it.
-    """
-    attributes = list(mapper.column_attrs)
-    statement = (
-        select(*(attribute.columns[0] for attribute in attributes))
-        .select_from(mapper.persist_selectable)
-        .where(primary_key_clause(mapper, [bindparam(f"pk_{index}") for index in range(len(mapper.primary_key))]))
-    )
-    return attributes, statement
-
-
-def as_written(connection: Connection, obj: OutboxMixin) -> OutboxMixin:
-    """A detached copy of `obj` loaded from its row as this transaction has just written it.
-
-    Called after the flush, on the flush's connection: the INSERT or UPDATE
-    holds the row's lock until commit, so the row read here is exactly the
-    row that commits (on PostgreSQL and MySQL alike: a transaction always
-    sees its own writes, and an UPDATE writes on the newest committed row).
-    """
-    mapper = inspect(obj).mapper
-    attributes, statement = read_back(mapper)
-    identity = mapper.primary_key_from_instance(obj)
-    row = connection.execute(statement, {f"pk_{index}": value for index, value in enumerate(identity)}).one()
-    copy = mapper.class_manager.new_instance()
-    for attribute, value in zip(attributes, row, strict=True):
-        set_committed_value(copy, attribute.key, value)
-    return copy
 
 
 def events_enabled() -> bool:
@@ -303,8 +275,11 @@ def _snapshot_deletes(session: Session, flush_context, instances) -> None:
 
 @functools.cache
 def insert_events() -> Any:
-    """The INSERT of event rows, built once (OutboxEvent is declared below)."""
-    return OutboxEvent.__table__.insert()
+    """The INSERT of event rows, built once (OutboxEvent is declared below).
+
+    Inline: nothing reads the new positions back (no RETURNING to fetch).
+    """
+    return OutboxEvent.__table__.insert().inline()
 
 
 @event.listens_for(Session, "after_flush")
@@ -320,7 +295,7 @@ def _write_events(session: Session, flush_context) -> None:
         ]
         for obj, action in written:
             connection = session.connection(bind_arguments={"mapper": inspect(obj).mapper})
-            rows.append(as_written(connection, obj).outbox_event_values(action))
+            rows.append(as_written(connection, obj, inserted=action == "created").outbox_event_values(action))
     wrote = bool(rows) or any(isinstance(obj, OutboxEvent) for obj in session.new)
     if not wrote:
         return
