@@ -66,7 +66,9 @@ def exact_check(column_type: sqltypes.TypeEngine, dialect: Dialect) -> Callable[
     as floats), and timestamps with their microseconds (aware exactly when
     a PostgreSQL column has a time zone; naive elsewhere, in DATETIME(6) on
     MySQL). A TypeDecorator's own conversion must give the value back too.
-    Anything else (floats, JSON, arrays, ...) is read back.
+    Anything else (floats, JSON, arrays, ...) is read back. On MySQL this
+    takes its default strict mode, in which a value that does not fit is an
+    error: a server without STRICT_TRANS_TABLES truncates or clamps silently.
     """
     if isinstance(column_type, sqltypes.TypeDecorator):
         decorator, stored_check = column_type, exact_check(column_type.load_dialect_impl(dialect), dialect)
