@@ -64,22 +64,21 @@ def test_a_trickle_is_relayed_by_the_first_loop_alone(app, make_app):
 def test_a_loop_waiting_for_a_backlog_is_not_reported_stuck(app, make_app):
     """The second loop, idle while one loop is enough, keeps beating: health counts both loops live throughout."""
     stale_after = 2.0
-    built = make_app(
-        OUTBOX_TRANSPORT="in_process", OUTBOX_RELAY_STALE_AFTER=stale_after, OUTBOX_PROCESSING_INTERVAL=0.1
-    )
-    state = built.extensions["outbox"]
-    relay, thread = run_relay(built, workers=2)
-    try:
-        wait_until(lambda: state.relay_health()["live"] == 2, timeout=10, what="both loops' first heartbeat")
+    with outbox_app_with(
+        make_app, OUTBOX_TRANSPORT="in_process", OUTBOX_RELAY_STALE_AFTER=stale_after, OUTBOX_PROCESSING_INTERVAL=0.1
+    ) as built:
+        state = built.extensions["outbox"]
+        relay, thread = run_relay(built, workers=2)
+        try:
+            wait_until(lambda: state.relay_health()["live"] == 2, timeout=10, what="both loops' first heartbeat")
 
-        def both_live() -> None:
-            health = state.relay_health()
-            assert (health["live"], health["stale"]) == (2, 0), health
+            def both_live() -> None:
+                health = state.relay_health()
+                assert (health["live"], health["stale"]) == (2, 0), health
 
-        holds_for(both_live, 1.5 * stale_after)  # a loop that stopped beating shows within stale_after
-    finally:
-        stop_relay(relay, thread)
-        state.close()
+            holds_for(both_live, 1.5 * stale_after)  # a loop that stopped beating shows within stale_after
+        finally:
+            stop_relay(relay, thread)
 
 
 def test_a_full_batch_brings_the_other_loops_in(app, make_app):

@@ -17,6 +17,8 @@ test_outbox_races.py, which SQLite projects do not have.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 
 import pytest
@@ -67,8 +69,10 @@ def notes(outbox_app):
         NoteBase.metadata.drop_all(db.engine)
 
 
-def change_elsewhere_before_the_flush(statement: str, **params):
-    """Run `statement` in its own committed transaction right before the next flush (once)."""
+@contextmanager
+def changed_elsewhere_before_the_flush(statement: str, **params) -> Iterator[list]:
+    """Run `statement` in its own committed transaction right before the next flush (once);
+    yields a list that holds True once it ran."""
     done = []
 
     def write_elsewhere(session, flush_context, instances):
@@ -78,7 +82,10 @@ def change_elsewhere_before_the_flush(statement: str, **params):
                 connection.execute(text(statement), params)
 
     event.listen(Session, "before_flush", write_elsewhere)
-    return done, lambda: event.remove(Session, "before_flush", write_elsewhere)
+    try:
+        yield done
+    finally:
+        event.remove(Session, "before_flush", write_elsewhere)
 
 
 def statements_of_a_patch(app, url: str) -> list[str]:
@@ -114,11 +121,8 @@ def test_an_unversioned_payload_is_read_back_with_a_concurrent_change(outbox_app
         db.session.commit()
         note = db.session.get(Note, 1)
         note.title = "second"
-        done, stop = change_elsewhere_before_the_flush("UPDATE outbox_test_notes SET body = 'by a script'")
-        try:
+        with changed_elsewhere_before_the_flush("UPDATE outbox_test_notes SET body = 'by a script'") as done:
             db.session.commit()
-        finally:
-            stop()
         payload = db.session.scalars(
             select(OutboxEvent.payload).where(OutboxEvent.aggregate_type == "note").order_by(OutboxEvent.position)
         ).all()[-1]
@@ -130,14 +134,11 @@ def test_a_write_over_a_concurrent_versioned_change_is_refused_without_an_event(
     read the old version gets 409 and writes no event, so no event can miss the script's change."""
     client = outbox_app.test_client()
     item_id = create_item(outbox_app, client, collection_url, new_item)
-    done, stop = change_elsewhere_before_the_flush(
+    with changed_elsewhere_before_the_flush(
         "UPDATE {{ cookiecutter.resource_plural }} SET description = 'by a script', version = version + 1 WHERE id = :id",
         id=item_id,
-    )
-    try:
+    ) as done:
         response = client.patch(f"{collection_url}/{item_id}", json={"quantity": 7})
-    finally:
-        stop()
     assert (done, response.status_code) == ([True], 409)
     assert [e.event_type for e in events_of(outbox_app, item_id)] == [f"{AGGREGATE}.created"]
     assert stored_row(outbox_app, item_id)["description"] == "by a script"
@@ -151,11 +152,14 @@ def test_a_value_the_database_rounds_is_in_the_event_as_stored(outbox_app, new_i
         db.session.add(item)
         db.session.commit()
         item_id = item.id
+    as_created = stored_row(outbox_app, item_id)
+    with outbox_app.app_context():
+        item = db.session.get({{ cookiecutter.__resource_class }}, item_id)
         item.unit_price = Decimal("2.675")
         db.session.commit()
     created, updated = events_of(outbox_app, item_id)
-    assert updated.data == stored_row(outbox_app, item_id)
-    assert created.data["unit_price"] != "1.005"
+    assert (created.data, updated.data) == (as_created, stored_row(outbox_app, item_id))
+    assert as_created["unit_price"] != "1.005"  # the database did round it
 
 
 def test_a_versioned_update_of_exact_values_is_not_read_back(outbox_app, collection_url, new_item):

@@ -2,9 +2,9 @@
 
 After the flush, `as_written` gives a detached, columns-only copy of the
 object with the values its row holds until commit. Reading the row back
-costs a statement per event (on a 2-core machine about a sixth of the CPU
-of a versioned PATCH), so the copy is taken from memory when that is
-provably the same row:
+costs a statement per event (a versioned PATCH sends 5 with it, 4
+without), so the copy is taken from memory when that is provably the
+same row:
 
 - the row cannot hold anything this transaction did not write or load: it
   was just inserted, or the model has a `version_id_col` and its UPDATE

@@ -54,7 +54,7 @@ class OutboxProcessor:
 
     def start_relay_thread(self, app: Flask, *, on_first_request: bool = False) -> None:
         """Run the relay in a background thread of this process (once per process)."""
-        app.extensions[EXTENSION_KEY].start_thread(on_first_request=on_first_request)
+        self.state(app).start_thread(on_first_request=on_first_request)
 
     def state(self, app: Flask | None = None):
         return (app or current_app).extensions[EXTENSION_KEY]
