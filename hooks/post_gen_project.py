@@ -121,6 +121,12 @@ FEATURES: tuple[Feature, ...] = (
         files=("tests/test_outbox_races.py", "tests/test_outbox_relay_loops.py"),
     ),
     Feature(
+        # A relay loop's own connection, with PostgreSQL's session settings.
+        name="outbox_postgresql",
+        when={"outbox": ("rabbitmq", "in_process"), "database": "postgresql"},
+        files=("tests/test_outbox_relay_connection.py",),
+    ),
+    Feature(
         name="api_versioning",
         title="API versioning",
         when={"use_api_versioning": True},

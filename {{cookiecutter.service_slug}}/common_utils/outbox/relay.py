@@ -424,7 +424,7 @@ class Relay:
     def _worker(self, index: int, once: bool, totals: list[int]) -> None:
         heartbeat = Heartbeat(self.state.store, index)
         try:
-            with self.state.app.app_context():
+            with self.state.app.app_context(), self.state.store.holding_connection():
                 totals[index] = self._loop(index, once, heartbeat)
         finally:
             with contextlib.suppress(Exception):

@@ -1,0 +1,88 @@
+"""A relay loop's own connection on PostgreSQL: planned right, kept to itself, replaced when it breaks.
+
+A relay loop claims and marks on one connection detached from the pool, in
+autocommit, with session settings of its own (common_utils/outbox/claim.py,
+`OutboxStore.holding_connection`).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from app.extensions import db
+from common_utils.outbox import PROCESSED
+from tests.outbox_support import outbox_app_with, run_relay, statuses, stop_relay, wait_until, write
+
+
+def test_claims_are_planned_for_their_values_every_time(app, make_app):
+    """Past psycopg's prepare threshold a claim is still planned for its LIMIT: a generic plan made claims take seconds."""
+    with outbox_app_with(make_app, OUTBOX_TRANSPORT="in_process") as built:
+        write(built, [(f"agg-{index}", 0) for index in range(200)])
+        store = built.extensions["outbox"].store
+        with built.app_context(), store.holding_connection():
+            for _ in range(20):  # prepared on the 6th run; PostgreSQL weighs a generic plan after 5 more
+                claim = store.claim(5, 30.0)
+                assert len(claim.rows) == 5
+                store.release(claim, claim.rows)
+            with store.relay_statements() as connection:
+                plans = connection.execute(
+                    text(
+                        "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                        "WHERE statement LIKE 'WITH batch%'"
+                    )
+                ).one()
+    assert plans.generic_plans == 0, plans
+    assert plans.custom_plans >= 10, plans
+
+
+def test_a_relay_keeps_its_session_settings_off_the_pool(app, make_app):
+    """After a relay ran, every pooled connection still sorts, plans as usual and opens transactions."""
+    with outbox_app_with(make_app, OUTBOX_TRANSPORT="in_process") as built:
+        [event_id] = write(built, [("agg", 0)])
+        relay, thread = run_relay(built, workers=2)
+        try:
+            wait_until(lambda: statuses(built)[event_id] == PROCESSED, timeout=10, what="the event relayed")
+        finally:
+            stop_relay(relay, thread)
+        with built.app_context():
+            pool = db.engine.pool
+            connections = [db.engine.connect() for _ in range(pool.checkedin() + 1)]
+            try:
+                server_default = connections[0].exec_driver_sql("SHOW default_transaction_isolation").scalar()
+                settings = {
+                    tuple(
+                        connection.exec_driver_sql(
+                            "SELECT current_setting('enable_sort'), current_setting('plan_cache_mode'), "
+                            "current_setting('transaction_isolation')"
+                        ).one()
+                    )
+                    for connection in connections
+                }
+            finally:
+                for connection in connections:
+                    connection.close()
+    assert settings == {("on", "auto", server_default)}
+
+
+def test_a_relay_goes_on_after_its_connection_is_killed(app, make_app):
+    """The database ends the relay's connection between batches: the next round connects again and relays."""
+    with outbox_app_with(
+        make_app, OUTBOX_TRANSPORT="in_process", OUTBOX_PROCESSING_INTERVAL=0.1, OUTBOX_MIN_POLL_INTERVAL=0.01
+    ) as built:
+        [first] = write(built, [("agg", 0)])
+        relay, thread = run_relay(built, workers=1)
+        try:
+            wait_until(lambda: statuses(built)[first] == PROCESSED, timeout=10, what="the first event relayed")
+            with built.app_context():
+                ended = db.session.scalar(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                    )
+                )
+                db.session.remove()
+            assert ended >= 2  # at least the relay's own connection and its LISTEN connection
+            [second] = write(built, [("agg", 1)])
+            wait_until(lambda: statuses(built)[second] == PROCESSED, timeout=15, what="the event after the kill")
+        finally:
+            stop_relay(relay, thread)
