@@ -139,7 +139,6 @@ class Statements:
 
     def __init__(self, store: OutboxStore):
         t = store.table
-        self.store = store
         now = db_now()
         earlier = t.alias("earlier")
         held_back = exists().where(
