@@ -12,7 +12,10 @@ a scratch database and measures:
    two workers), as events/s and as a share of the slower raw rate;
 4. latency: commit-to-confirm with events offered at a steady rate by
    several writer processes (one transaction per event, woken as the
-   service wakes relays: after commit, a debounced NOTIFY), p50/p99/max;
+   service wakes relays: after commit, a debounced NOTIFY), p50/p99/max,
+   and the cores the writers, the relay, PostgreSQL and RabbitMQ kept busy
+   meanwhile (a run whose parts need more than the machine has measures the
+   machine, not the relay);
    and commit-to-publish of single events to an idle relay;
 5. writers: 16 writer processes each doing the PATCH handler's database
    work (load, change, versioned commit, reload for the ETag) as fast as
@@ -131,6 +134,39 @@ def process_cpu_seconds(pid: int) -> float:
     (10 ms) are as long as a few of a backend's commits.
     """
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def all_threads_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its threads (/proc/<pid>/stat; schedstat counts one thread)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_process(writer_pids: list[int]) -> dict[int, tuple[str, float]]:
+    """{pid: (role, CPU seconds so far)} of the latency run's parts: writers, relay (this process), PostgreSQL, RabbitMQ."""
+    roles = {pid: "writers" for pid in writer_pids}
+    roles[os.getpid()] = "relay"
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) not in roles:
+            with contextlib.suppress(OSError):
+                program = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
+                if program.startswith(b"postgres") or program.endswith(b"/postgres"):
+                    roles[int(entry.name)] = "postgresql"
+                elif program.endswith(b"beam.smp"):
+                    roles[int(entry.name)] = "rabbitmq"
+    seconds = {}
+    for pid, role in roles.items():
+        with contextlib.suppress(OSError):  # ended meanwhile
+            seconds[pid] = (role, all_threads_cpu_seconds(pid))
+    return seconds
+
+
+def cores_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], elapsed: float) -> dict:
+    """Cores each role kept busy between two readings (processes started meanwhile count from zero)."""
+    cores = dict.fromkeys(("writers", "relay", "postgresql", "rabbitmq"), 0.0)
+    for pid, (role, seconds) in after.items():
+        cores[role] += (seconds - before.get(pid, (role, 0.0))[1]) / elapsed
+    return {role: round(value, 2) for role, value in cores.items()}
 
 
 def service_writer(project: str, environ: dict, first_id: int, commands, results) -> None:
@@ -384,7 +420,7 @@ class Bench:
         self.purge_sink()
         return rate
 
-    def latency(self, rate: int, seconds: float, writers: int = 12) -> dict:
+    def latency(self, rate: int, seconds: float, writers: int = 3) -> dict:
         """Commit-to-confirm latency of events written one per transaction at `rate`/s.
 
         The writers are separate processes (as web workers would be), so they
@@ -414,16 +450,17 @@ class Bench:
         context = multiprocessing.get_context("spawn")
         with context.Manager() as manager, ProcessPoolExecutor(writers, mp_context=context) as pool:
             barrier = manager.Barrier(writers)  # every writer process started and imported: none starts late
-            for _ in pool.map(warm_up, [self.project] * writers, [barrier] * writers):
-                pass
+            writer_pids = list(pool.map(warm_up, [self.project] * writers, [barrier] * writers))
             start = manager.Barrier(writers)  # and connected, with its first event written
             futures = [
                 pool.submit(write_events, self.project, dict(os.environ), rate / writers, seconds, index / rate, start)
                 for index in range(writers)
             ]
+            cpu_before, clock_before = cpu_by_process(writer_pids), time.monotonic()
             committed = {}
             for future in futures:
                 committed.update(future.result())
+            cores = cores_by_role(cpu_before, cpu_by_process(writer_pids), time.monotonic() - clock_before)
         start_at = min(committed.values())
         offered_for = max(committed.values()) - start_at
         deadline = time.monotonic() + 30
@@ -443,6 +480,8 @@ class Bench:
             "p50_ms": round(statistics.median(latencies), 1),
             "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 1),
             "max_ms": round(latencies[-1], 1),
+            # Cores each part kept busy while the writers ran (the machine has os.cpu_count()).
+            "cores": cores,
         }
 
     def raw_publish_rate(self, events: int, batch: int = 500) -> float:
@@ -646,13 +685,14 @@ def progress(name: str, value):
     return value
 
 
-def warm_up(project: str, barrier) -> None:
-    """Import what a writer needs, then wait until every process of the pool has."""
+def warm_up(project: str, barrier) -> int:
+    """Import what a writer needs, then wait until every process of the pool has; the process id."""
     sys.path.insert(0, project)
     import common_utils.outbox.relay  # noqa: F401
     import sqlalchemy  # noqa: F401
 
     barrier.wait()
+    return os.getpid()
 
 
 def main() -> int:
@@ -662,7 +702,14 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000, help="backlog size")
     parser.add_argument("--rate", type=int, default=1000, help="offered events/s for the latency run")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the latency run")
-    parser.add_argument("--latency-writers", type=int, default=12, help="writer processes offering --rate together")
+    parser.add_argument(
+        "--latency-writers",
+        type=int,
+        default=3,
+        # 12 processes committing 83 events/s each took 1.15 cores on their own on the 2-core
+        # bench machine (a process that sleeps between commits pays about 1.3 ms of CPU each).
+        help="writer processes offering --rate together",
+    )
     parser.add_argument("--writers", type=int, default=16, help="writer processes for the commit throughput run")
     parser.add_argument("--writer-seconds", type=float, default=8.0, help="length of each commit throughput run")
     parser.add_argument("--writer-rounds", type=int, default=7, help="rounds of the commit throughput run (off and on each)")
@@ -721,7 +768,9 @@ def main() -> int:
         print(
             f"  {name} at {run['offered_per_s']} events/s offered of {run['asked_per_s']} asked by {run['writers']} writer(s) "
             f"(1 per transaction): p50 {run['p50_ms']} ms, "
-            f"p99 {run['p99_ms']} ms, max {run['max_ms']} ms ({run['confirmed']}/{run['events']} confirmed)"
+            f"p99 {run['p99_ms']} ms, max {run['max_ms']} ms ({run['confirmed']}/{run['events']} confirmed); "
+            f"cores busy: {', '.join(f'{role} {cores:.2f}' for role, cores in run['cores'].items())} "
+            f"of {os.cpu_count()}"
         )
     print(
         f"  {args.writers} writers (PATCH's writes), medians of {args.writer_rounds} rounds: commits/s outbox off "
