@@ -1,8 +1,7 @@
-"""A relay loop's own connection on PostgreSQL: planned right, kept to itself, replaced when it breaks.
+"""A relay loop's own connection on PostgreSQL: claims planned right, nothing left behind, replaced when it breaks.
 
-A relay loop claims and marks on one connection detached from the pool, in
-autocommit, with session settings of its own (common_utils/outbox/claim.py,
-`OutboxStore.holding_connection`).
+A relay loop claims and marks on one connection it holds between batches,
+in autocommit (common_utils/outbox/claim.py, `OutboxStore.holding_connection`).
 """
 
 from __future__ import annotations
@@ -12,6 +11,11 @@ from sqlalchemy import text
 from app.extensions import db
 from common_utils.outbox import PROCESSED
 from tests.outbox_support import outbox_app_with, run_relay, statuses, stop_relay, wait_until, write
+
+#: What a claim sets for itself (common_utils.outbox.claim.CLAIM_PLANNING) and must not leave behind.
+SETTINGS = (
+    "SELECT current_setting('enable_sort'), current_setting('plan_cache_mode'), current_setting('transaction_isolation')"
+)
 
 
 def test_claims_are_planned_for_their_values_every_time(app, make_app):
@@ -35,33 +39,23 @@ def test_claims_are_planned_for_their_values_every_time(app, make_app):
     assert plans.custom_plans >= 10, plans
 
 
-def test_a_relay_keeps_its_session_settings_off_the_pool(app, make_app):
-    """After a relay ran, every pooled connection still sorts, plans as usual and opens transactions."""
+def test_a_claim_leaves_nothing_on_its_connection(app, make_app):
+    """Between batches the relay's connection has the server's settings and no open transaction: a pooler may lend it out."""
     with outbox_app_with(make_app, OUTBOX_TRANSPORT="in_process") as built:
-        [event_id] = write(built, [("agg", 0)])
-        relay, thread = run_relay(built, workers=2)
-        try:
-            wait_until(lambda: statuses(built)[event_id] == PROCESSED, timeout=10, what="the event relayed")
-        finally:
-            stop_relay(relay, thread)
+        write(built, [(f"agg-{index}", 0) for index in range(3)])
+        store = built.extensions["outbox"].store
         with built.app_context():
-            pool = db.engine.pool
-            connections = [db.engine.connect() for _ in range(pool.checkedin() + 1)]
-            try:
-                server_default = connections[0].exec_driver_sql("SHOW default_transaction_isolation").scalar()
-                settings = {
-                    tuple(
-                        connection.exec_driver_sql(
-                            "SELECT current_setting('enable_sort'), current_setting('plan_cache_mode'), "
-                            "current_setting('transaction_isolation')"
-                        ).one()
-                    )
-                    for connection in connections
-                }
-            finally:
-                for connection in connections:
-                    connection.close()
-    assert settings == {("on", "auto", server_default)}
+            defaults = db.session.execute(text(SETTINGS)).one()
+            db.session.remove()
+            with store.holding_connection():
+                claim = store.claim(2, 30.0)
+                store.mark(claim, claim.rows[:1], [], claim.rows[1:])
+                with store.relay_statements() as connection:
+                    between_batches = connection.execute(text(SETTINGS)).one()
+                    in_transaction = connection.connection.dbapi_connection.info.transaction_status
+    assert len(claim.rows) == 2
+    assert tuple(between_batches) == tuple(defaults)
+    assert in_transaction == 0  # psycopg.pq.TransactionStatus.IDLE
 
 
 def test_a_relay_goes_on_after_its_connection_is_killed(app, make_app):

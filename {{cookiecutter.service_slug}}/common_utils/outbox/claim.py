@@ -53,14 +53,16 @@ PROCESSED_SQL = literal_column(f"'{PROCESSED}'")
 SKIPPED_SQL = literal_column(f"'{SKIPPED_BY_OPERATOR}'")
 
 
-#: How PostgreSQL must plan a claim. Sorting off: the claim must walk the
-#: pending index in position order and stop after `limit` rows; with
-#: statistics that lag a sudden backlog, PostgreSQL otherwise plans to check
-#: and sort every pending row on each claim. Custom plans only: psycopg
-#: prepares a statement on its fifth run, and the generic plan PostgreSQL may
-#: then keep knows neither the LIMIT nor the values; measured at 1,000 events/s
-#: it made claims of a hundred rows take up to 17 s on a connection held by a relay.
-CLAIM_PLANNING = ("enable_sort = off", "plan_cache_mode = force_custom_plan")
+#: How PostgreSQL must plan a claim, for the claim's transaction only (SET
+#: LOCAL: nothing stays on the connection, which a transaction-mode pooler
+#: would hand to other clients). Sorting off: the claim must walk the pending
+#: index in position order and stop after `limit` rows; with statistics that
+#: lag a sudden backlog, PostgreSQL otherwise plans to check and sort every
+#: pending row on each claim. Custom plans only: psycopg prepares a statement
+#: on its fifth run, and the generic plan PostgreSQL may then keep knows
+#: neither the LIMIT nor the values; measured at 1,000 events/s it made claims
+#: of a hundred rows take up to 17 s on a connection held by a relay.
+CLAIM_PLANNING = "SET LOCAL enable_sort = off; SET LOCAL plan_cache_mode = force_custom_plan"
 
 
 class db_now(FunctionElement):
@@ -219,7 +221,7 @@ class Statements:
         The statement's single snapshot is enough for the guard: an earlier
         event of the key that another relay is claiming at this instant is
         still unfinished in it, so it holds ours back just as a second
-        statement would. It is planned as CLAIM_PLANNING says
+        statement would. It runs after CLAIM_PLANNING in its transaction
         (`OutboxStore.relay_statements`).
         """
         batch = candidates.cte("batch").prefix_with("MATERIALIZED")
@@ -263,18 +265,19 @@ class OutboxStore:
 
     @contextmanager
     def holding_connection(self) -> Iterator[None]:
-        """Within this block, this thread's claims and marks share one connection of their own.
+        """Within this block, this thread's claims and marks share one connection, held between batches.
 
-        A relay loop claims and marks every batch. Through the pool each
-        was a transaction on a checked-out connection: a ping, BEGIN, the
-        statement (after SET LOCAL for a claim) and COMMIT, five round trips
-        for a claim and four for a mark, which under load set the pace of a
-        batch more than the statements did. On PostgreSQL the loop instead
-        holds one connection, detached from the pool because it carries
-        session settings the app's connections must not get (autocommit,
-        READ COMMITTED, CLAIM_PLANNING): a claim and a mark are one
-        statement each, which is its own transaction. Elsewhere
-        (MySQL's claim takes several statements) this changes nothing.
+        A relay loop claims and marks every batch. Through the pool each was
+        a transaction on a checked-out connection: a ping, BEGIN, the
+        statement (after CLAIM_PLANNING for a claim) and COMMIT, five round
+        trips for a claim and four for a mark, which under load set the pace
+        of a batch more than the statements did. On PostgreSQL the loop
+        instead holds one connection in autocommit: a claim is three round
+        trips (BEGIN with CLAIM_PLANNING, the statement, COMMIT) and a mark
+        one statement, its own transaction (only the lease's owner changes
+        its rows, so it needs no isolation of its own). The connection is
+        detached from the pool, so the app's pool keeps its full size.
+        Elsewhere (MySQL's claim takes several statements) this changes nothing.
         """
         if self.dialect != "postgresql":
             yield
@@ -290,24 +293,27 @@ class OutboxStore:
 
     @contextmanager
     def relay_statements(self, *, claim: bool = False) -> Iterator[Connection]:
-        """Where a claim or a mark runs: the held connection, or a short transaction."""
+        """Where a claim or a mark runs: a transaction on the held connection (claim), a statement, or a pooled transaction."""
         slot = getattr(self.held, "slot", None)
         if slot is None:
             with self.begin() as connection:
                 if claim and self.dialect == "postgresql":
-                    connection.exec_driver_sql("; ".join(f"SET LOCAL {setting}" for setting in CLAIM_PLANNING))
+                    connection.exec_driver_sql(CLAIM_PLANNING)
                 yield connection
             return
         if slot["connection"] is None:
             connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            connection.detach()  # closed, not pooled, when done: it keeps the settings below
-            settings = ("SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED", *CLAIM_PLANNING)
-            connection.exec_driver_sql("; ".join(f"SET {setting}" for setting in settings))
+            connection.detach()  # the pool opens another for the app if it needs one
             slot["connection"] = connection
+        connection = slot["connection"]
         try:
-            yield slot["connection"]
+            if claim:
+                connection.exec_driver_sql(f"BEGIN ISOLATION LEVEL READ COMMITTED; {CLAIM_PLANNING}")
+            yield connection
+            if claim:
+                connection.exec_driver_sql("COMMIT")
         except BaseException:
-            connection, slot["connection"] = slot["connection"], None  # the next statement reconnects
+            slot["connection"] = None  # closing it rolls back; the next statement connects again
             with suppress(Exception):
                 connection.close()
             raise
