@@ -6,6 +6,9 @@ in autocommit (common_utils/outbox/claim.py, `OutboxStore.holding_connection`).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
+import pytest
 from sqlalchemy import text
 
 from app.extensions import db
@@ -18,16 +21,18 @@ SETTINGS = (
 )
 
 
-def test_claims_are_planned_for_their_values_every_time(app, make_app):
+@pytest.mark.parametrize("held", [True, False], ids=["relay loop's connection", "pooled transaction"])
+def test_claims_are_planned_for_their_values_every_time(app, make_app, held):
     """Past psycopg's prepare threshold a claim is still planned for its LIMIT: a generic plan made claims take seconds."""
     with outbox_app_with(make_app, OUTBOX_TRANSPORT="in_process") as built:
         write(built, [(f"agg-{index}", 0) for index in range(200)])
         store = built.extensions["outbox"].store
-        with built.app_context(), store.holding_connection():
+        with built.app_context(), store.holding_connection() if held else nullcontext():
             for _ in range(20):  # prepared on the 6th run; PostgreSQL weighs a generic plan after 5 more
                 claim = store.claim(5, 30.0)
                 assert len(claim.rows) == 5
                 store.release(claim, claim.rows)
+            # Unheld, every claim took the pool's one idle connection: the one asked here.
             with store.relay_statements() as connection:
                 plans = connection.execute(
                     text(

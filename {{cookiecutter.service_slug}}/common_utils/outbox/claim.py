@@ -293,7 +293,7 @@ class OutboxStore:
 
     @contextmanager
     def relay_statements(self, *, claim: bool = False) -> Iterator[Connection]:
-        """Where a claim or a mark runs: a transaction on the held connection (claim), a statement, or a pooled transaction."""
+        """Where a claim or a mark runs: on the held connection if there is one, else in a pooled transaction."""
         slot = getattr(self.held, "slot", None)
         if slot is None:
             with self.begin() as connection:
